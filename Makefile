@@ -1,0 +1,52 @@
+# datacredit: `make demo` runs the digits valuation on CPU, `make test` runs every test tier.
+# Heavy things (virtualenv with torch, Go-built binaries) are cached outside the repo in $(CACHE).
+SHELL := /bin/bash
+PYTHON ?= python3
+CACHE ?= $(HOME)/.cache/datacredit
+ENV_KEY := $(shell cat pyproject.toml requirements/constraints.txt 2>/dev/null | sha256sum | cut -c1-12)
+VENV ?= $(CACHE)/venv-$(ENV_KEY)
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --cache-dir $(CACHE)/pip --disable-pip-version-check
+export DATACREDIT_CACHE := $(CACHE)
+export PATH := $(VENV)/bin:$(PATH)
+
+.PHONY: help install binaries demo demo-quick test test-fast lint format crds dashboards images bench clean
+
+help: ## list targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+
+$(VENV)/.installed: pyproject.toml requirements/constraints.txt
+	@mkdir -p $(CACHE)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q -c requirements/constraints.txt -e '.[jobs,operator,dev]'
+	touch $@
+
+install: $(VENV)/.installed ## create the cached virtualenv and install datacredit (editable) into it
+	@$(PIP) install -q --no-deps -e . >/dev/null
+
+binaries: ## build etcd, kube-apiserver, kube-controller-manager, MinIO, helm, prometheus (cached)
+	bash hack/build-binaries.sh
+
+demo: install ## value 10 digit contributors (3 planted bad) on CPU, a few minutes
+	$(VENV)/bin/datacredit demo
+
+demo-quick: install ## the same at toy size, about a minute
+	$(VENV)/bin/datacredit demo --quick --dir demo-quick
+
+test: install binaries ## every test tier: unit, workload, storage (MinIO), control plane, chart, observability
+	$(PY) -m pytest -ra -p no:cacheprovider tests
+
+test-fast: install ## unit tests only (no torch workloads, no servers)
+	$(PY) -m pytest -ra -p no:cacheprovider -m "not workload and not s3 and not controlplane and not chart and not observability" tests
+
+lint: install ## ruff
+	$(VENV)/bin/ruff check datacredit jobs operator tests benchmarks hack
+
+crds: install ## regenerate crds/ from the spec model
+	$(PY) -m datacredit.crd > crds/valuationruns.datacredit.dev.yaml
+
+bench: install ## estimator benchmark (full)
+	$(PY) benchmarks/estimators.py
+
+clean: ## remove local run outputs
+	rm -rf demo-run demo-quick .pytest_cache

@@ -1,0 +1,193 @@
+"""The `datacredit` command line."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from .spec import SpecError, ValuationRun, load_manifest
+
+app = typer.Typer(
+    help=(
+        "Credit the data contributors of a diffusion model with Shapley values.\n\n"
+        "Start with `datacredit demo --quick`, then `datacredit run examples/digits-local.yaml`."
+    ),
+    no_args_is_help=True,
+    rich_markup_mode="markdown",
+    pretty_exceptions_enable=False,
+)
+worker = typer.Typer(help="GPU steps, run inside a Job's container or by the local executor.", no_args_is_help=True)
+app.add_typer(worker, name="worker")
+out = Console()
+err = Console(stderr=True)
+
+EXIT_BAD_INPUT = 3  # bad manifest or data: retrying cannot help (Jobs fail fast on it)
+
+
+def _load(path: Path) -> ValuationRun:
+    try:
+        return load_manifest(path)
+    except SpecError as e:
+        err.print(f"[red]invalid manifest[/] {e}")
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+
+
+@app.command()
+def validate(manifests: Annotated[list[Path], typer.Argument(help="ValuationRun YAML file(s).")]) -> None:
+    """Check manifests and name every invalid field with the reason."""
+    bad = 0
+    for m in manifests:
+        try:
+            run = load_manifest(m)
+            out.print(f"[green]ok[/] {m}: {run.metadata.name} ({run.spec.model.family}, {run.spec.property.name}, "
+                      f"{run.spec.estimator.name} budget {run.spec.estimator.budget})")
+        except SpecError as e:
+            bad += 1
+            err.print(f"[red]invalid[/] {e}")
+    if bad:
+        raise typer.Exit(EXIT_BAD_INPUT)
+
+
+@app.command()
+def run(
+    manifest: Annotated[Path, typer.Argument(help="ValuationRun YAML (the same file you would kubectl apply).")],
+    workers: Annotated[int | None, typer.Option(help="Coalitions at once (default: spec.execution.parallelism, "
+                                                     "at most the CPU count).")] = None,
+    storage: Annotated[str | None, typer.Option(help="Override spec.storage.uri (path or s3://).")] = None,
+) -> None:
+    """Run a valuation on this machine; rerun the same command to resume after a stop or Ctrl-C."""
+    from .dataset import DatasetError
+    from .local import RunFailed, execute
+    from .results import results_table
+    from .storage import StorageError
+
+    vr = _load(manifest)
+    if storage:
+        vr = vr.model_copy(update={"spec": vr.spec.model_copy(
+            update={"storage": vr.spec.storage.model_copy(update={"uri": storage})})})
+    try:
+        outcome = execute(vr, workers=workers)
+    except (DatasetError, SpecError) as e:
+        err.print(f"[red]bad input:[/] {e}")
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+    except (RunFailed, StorageError) as e:
+        err.print(f"[red]run failed:[/] {e}")
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+    out.print(results_table(outcome.results))
+    out.print(f"results: {outcome.run.uri}/results/ (shapley.json, shapley.csv, values.png)")
+
+
+@app.command()
+def report(
+    target: Annotated[str, typer.Argument(help="A run URI (path or s3://) or the manifest that made it.")],
+) -> None:
+    """Print the Shapley table of a finished run again."""
+    from .results import load_results, results_table
+    from .runstate import open_run
+    from .storage import open_storage
+
+    if Path(target).is_file():
+        store = open_run(_load(Path(target))).store
+    else:
+        store = open_storage(target)
+    try:
+        doc = load_results(store)
+    except FileNotFoundError:
+        err.print(f"[red]no results yet[/] in {store.uri}: is the run finished? (`datacredit run` resumes it)")
+        raise typer.Exit(1) from None
+    out.print(results_table(doc))
+
+
+@app.command()
+def estimate(
+    table: Annotated[Path, typer.Option(help="utilities.jsonl of a run: one {members, utility} per line.")],
+    method: Annotated[str, typer.Option(help="kernel | exact | permutation | banzhaf | loo")] = "kernel",
+    players: Annotated[int | None, typer.Option(help="Number of contributors (default: from the table).")] = None,
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """Re-estimate values offline from stored coalition utilities, without re-running GPUs."""
+    from rich.table import Table
+
+    from .planner import estimate_from_table, read_table
+
+    if not table.is_file():
+        err.print(f"[red]no such file[/] {table}")
+        raise typer.Exit(EXIT_BAD_INPUT)
+    rows = read_table(table.read_text())
+    n = players or 1 + max((max(r[0]) for r in rows if len(r[0])), default=-1)
+    est = estimate_from_table(rows, n_players=n, method=method, seed=seed)
+    t = Table(title=f"{method} from {len(rows)} coalitions")
+    t.add_column("player", justify="right")
+    t.add_column("value", justify="right")
+    t.add_column("stderr", justify="right")
+    for i in range(n):
+        t.add_row(str(i), f"{est.values[i]:+.5f}", f"{est.stderr[i]:.5f}")
+    out.print(t)
+
+
+@app.command()
+def demo(
+    quick: Annotated[bool, typer.Option("--quick", help="Toy size, about a minute: a first look.")] = False,
+    directory: Annotated[Path, typer.Option("--dir", help="Where data, manifest and run go.")] = Path("demo-run"),
+) -> None:
+    """Value 10 contributors of handwritten digits (3 planted bad ones) for image quality, on CPU."""
+    from .demo import build_demo
+
+    manifest = build_demo(directory, quick=quick)
+    out.print(f"demo data and manifest: {manifest}")
+    run(manifest)
+
+
+@worker.command("prepare")
+def worker_prepare(
+    run_uri: Annotated[str, typer.Option("--run", help="Run URI holding run.json.")],
+    endpoint: Annotated[str, typer.Option(help="S3 endpoint URL (else AWS_ENDPOINT_URL_S3).")] = "",
+    region: Annotated[str, typer.Option()] = "",
+) -> None:
+    """Load data, train or load the full model, prune, fine-tune on all data; write prepare/result.json."""
+    from .dataset import DatasetError
+    from .jobs.worker import run_prepare
+    from .storage import S3Options
+
+    try:
+        run_prepare(run_uri, options=S3Options(endpoint=endpoint, region=region), progress=sys.stderr.isatty())
+    except (DatasetError, SpecError) as e:
+        err.print(f"[red]bad input:[/] {e}")
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+
+
+@worker.command("coalition")
+def worker_coalition(
+    run_uri: Annotated[str, typer.Option("--run", help="Run URI holding manifest.json and prepare/.")],
+    members: Annotated[str, typer.Option(help="Comma-separated contributor indices; '' for the empty set.")],
+    attempt: Annotated[int, typer.Option(min=1)] = 1,
+    endpoint: Annotated[str, typer.Option(help="S3 endpoint URL (else AWS_ENDPOINT_URL_S3).")] = "",
+    region: Annotated[str, typer.Option()] = "",
+) -> None:
+    """Fine-tune the sparsified model on a coalition, sample, score; write coalitions/<id>/result.json."""
+    from .dataset import DatasetError
+    from .jobs.worker import run_coalition
+    from .storage import S3Options
+
+    try:
+        idx = [int(x) for x in members.split(",") if x.strip()]
+    except ValueError:
+        err.print(f"[red]bad --members {members!r}[/]: expected comma-separated integers")
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+    try:
+        res = run_coalition(run_uri, idx, attempt=attempt, options=S3Options(endpoint=endpoint, region=region))
+    except (DatasetError, SpecError) as e:
+        err.print(f"[red]bad input:[/] {e}")
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+    out.print(f"coalition {res['id']}: utility {res['utility']:.5f}")
+
+
+def main() -> None:
+    """Entry point."""
+    app()

@@ -1,0 +1,186 @@
+"""The embedded executor: prepare, then coalitions from the planner in a process pool, all on this machine."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from . import layout
+from .ids import coalition_id
+from .planner import Planner
+from .results import build_results, save_results
+from .runstate import RunRef, member_indices, open_run, planner_for, read_manifest
+from .spec import ValuationRun
+from .storage import read_json, write_json
+
+
+class RunFailed(RuntimeError):
+    """The run cannot go on (prepare failed, or too many coalitions failed for good)."""
+
+
+@dataclass
+class Outcome:
+    """What a local run produced."""
+
+    run: RunRef
+    results: dict[str, Any]
+
+
+def _init_worker(threads: int) -> None:
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _coalition_task(run_uri: str, s3: dict[str, Any], members: list[int], attempt: int) -> dict[str, Any]:
+    from .jobs.worker import run_coalition
+    from .storage import S3Options
+
+    return run_coalition(run_uri, members, attempt=attempt, options=S3Options(**s3))
+
+
+def _top_line(planner: Planner, names: list[str], k: int = 3) -> str:
+    try:
+        est = planner.estimate()
+    except ValueError:
+        return ""
+    order = np.argsort(-est.values)[:k]
+    return "top: " + ", ".join(f"{names[i]} {est.values[i]:+.3f}" for i in order)
+
+
+def execute(run: ValuationRun, *, workers: int | None = None, console: Console | None = None) -> Outcome:
+    """Run (or resume) a valuation locally and write its results; coalitions already in storage are skipped."""
+    console = console or Console(stderr=True)
+    started = time.monotonic()
+    ref = open_run(run)
+    store = ref.store
+    existing = store.exists(layout.RUN)
+    if not existing:
+        write_json(store, layout.RUN, {"manifest": run.to_manifest(), "configHash": run.config_hash()})
+    console.print(f"[bold]run[/] {ref.uri} ({'resuming' if existing else 'new'})")
+
+    if not store.exists(layout.PREPARE_RESULT):
+        from .jobs.worker import run_prepare
+
+        console.print("[bold]prepare[/]: load data, train or load the model, prune, fine-tune on all data")
+        run_prepare(ref.uri, options=ref.options, progress=True)
+    prep = read_json(store, layout.PREPARE_RESULT)
+    console.print(f"prepare done: {prep.get('summary', '')}")
+
+    manifest = read_manifest(store)
+    names = [c["name"] for c in manifest["contributors"]]
+    ids = [c["id"] for c in manifest["contributors"]]
+    planner = planner_for(run, len(names))
+    parallel = max(1, min(workers or run.spec.execution.parallelism, os.cpu_count() or 1))
+    threads = max(1, (os.cpu_count() or 1) // parallel)
+    s3 = {"endpoint": ref.options.endpoint, "region": ref.options.region, "path_style": ref.options.path_style}
+    max_attempts = run.spec.execution.max_attempts_per_coalition
+    attempts: dict[str, int] = {}
+    failed: list[str] = []
+    pending: dict[Future[dict[str, Any]], np.ndarray] = {}
+    done_before = 0
+
+    columns = [TextColumn("[bold]coalitions"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[top]}")]
+    ctx = mp.get_context("spawn")
+    pool = ProcessPoolExecutor(parallel, mp_context=ctx, initializer=_init_worker, initargs=(threads,))
+    try:
+        with Progress(*columns, console=console, transient=False) as bar:
+            task = bar.add_task("coalitions", total=len(planner.sequence), top="")
+
+            def submit(coal: np.ndarray) -> None:
+                cid = coalition_id([ids[i] for i in np.flatnonzero(coal)], ref.config_hash)
+                attempts[cid] = attempts.get(cid, 0) + 1
+                fut = pool.submit(_coalition_task, ref.uri, s3, member_indices(coal), attempts[cid])
+                pending[fut] = coal
+
+            while True:
+                while len(pending) < parallel:
+                    batch = planner.ask(1)
+                    if len(batch) == 0:
+                        break
+                    coal = np.asarray(batch[0], dtype=bool)
+                    cid = coalition_id([ids[i] for i in np.flatnonzero(coal)], ref.config_hash)
+                    if store.exists(layout.coalition_result(cid)):
+                        planner.tell(coal, float(read_json(store, layout.coalition_result(cid))["utility"]))
+                        done_before += 1
+                        bar.update(task, advance=1)
+                        continue
+                    submit(coal)
+                if not pending:
+                    break
+                finished, _ = wait(list(pending), return_when=FIRST_COMPLETED)
+                for fut in finished:
+                    coal = pending.pop(fut)
+                    cid = coalition_id([ids[i] for i in np.flatnonzero(coal)], ref.config_hash)
+                    try:
+                        res = fut.result()
+                    except Exception as e:  # noqa: BLE001 - a failed attempt is reported and retried
+                        console.print(f"[yellow]coalition {cid} attempt {attempts[cid]} failed:[/] {e}")
+                        if attempts[cid] < max_attempts:
+                            submit(coal)
+                            continue
+                        failed.append(cid)
+                        if len(failed) > run.spec.execution.max_failed_coalitions:
+                            raise RunFailed(
+                                f"{len(failed)} coalitions failed after {max_attempts} attempts "
+                                f"(execution.maxFailedCoalitions={run.spec.execution.max_failed_coalitions}); "
+                                f"finished coalitions are kept in {ref.uri}: fix the cause and rerun to resume"
+                            ) from e
+                        bar.update(task, advance=1)
+                        continue
+                    planner.tell(coal, float(res["utility"]))
+                    bar.update(task, advance=1, top=_top_line(planner, names))
+            bar.update(task, total=bar.tasks[0].completed)
+    except KeyboardInterrupt:
+        pool.shutdown(wait=False, cancel_futures=True)
+        console.print(f"\n[yellow]interrupted[/]: finished coalitions are stored; rerun the same command to resume "
+                      f"({ref.uri})")
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+    est = planner.estimate()
+    if done_before:
+        console.print(f"reused {done_before} coalition result(s) already in storage")
+    doc = build_results(
+        manifest["contributors"],
+        np.asarray(est.values),
+        np.asarray(est.stderr),
+        run_name=run.metadata.name,
+        property_name=run.spec.property.name,
+        method=run.spec.estimator.name,
+        v_empty=planner_anchor(planner, empty=True),
+        v_full=planner_anchor(planner, empty=False),
+        evaluations=int(est.n_evaluations),
+        converged=bool(est.converged),
+        stop_reason=str(est.stop_reason),
+        wall_seconds=time.monotonic() - started,
+    )
+    save_results(store, doc)
+    table_rows = [{"members": member_indices(c), "utility": u} for c, u in planner.table()]
+    store.write_bytes(layout.UTILITIES, "".join(_jsonl(r) for r in table_rows).encode())
+    return Outcome(ref, doc)
+
+
+def _jsonl(row: dict[str, Any]) -> str:
+    import json
+
+    return json.dumps(row) + "\n"
+
+
+def planner_anchor(planner: Planner, *, empty: bool) -> float:
+    """v(∅) or v(full) as told to the planner."""
+    for coal, u in planner.table():
+        if (not coal.any()) if empty else coal.all():
+            return float(u)
+    return float("nan")

@@ -1,0 +1,127 @@
+"""Shapley results: shapley.json / shapley.csv / values.png in the run, and the terminal table."""
+
+from __future__ import annotations
+
+import csv
+import io
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import layout
+from .storage import Storage, read_json, write_json
+
+
+def build_results(
+    contributors: list[dict[str, Any]],
+    values: np.ndarray,
+    stderr: np.ndarray,
+    *,
+    run_name: str,
+    property_name: str,
+    method: str,
+    v_empty: float,
+    v_full: float,
+    evaluations: int,
+    converged: bool,
+    stop_reason: str,
+    wall_seconds: float,
+) -> dict[str, Any]:
+    """The shapley.json document: contributors sorted by value, best first."""
+    order = np.argsort(-values, kind="stable")
+    rows = []
+    for rank, i in enumerate(order, start=1):
+        v, s = float(values[i]), float(stderr[i])
+        c = contributors[i]
+        rows.append(
+            {
+                "name": c["name"],
+                "id": c["id"],
+                "images": c.get("images", 0),
+                "value": v,
+                "stderr": s,
+                "ci95": [v - 1.96 * s, v + 1.96 * s],
+                "rank": rank,
+            }
+        )
+    return {
+        "run": run_name,
+        "property": property_name,
+        "method": method,
+        "vEmpty": v_empty,
+        "vFull": v_full,
+        "evaluations": evaluations,
+        "converged": converged,
+        "stopReason": stop_reason,
+        "wallClockSeconds": round(wall_seconds, 1),
+        "contributors": rows,
+    }
+
+
+def to_csv(doc: dict[str, Any]) -> str:
+    """One row per contributor."""
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["rank", "contributor", "value", "stderr", "ci95_low", "ci95_high", "images"])
+    for r in doc["contributors"]:
+        w.writerow([r["rank"], r["name"], f"{r['value']:.6g}", f"{r['stderr']:.6g}",
+                    f"{r['ci95'][0]:.6g}", f"{r['ci95'][1]:.6g}", r["images"]])
+    return buf.getvalue()
+
+
+def plot_png(doc: dict[str, Any]) -> bytes | None:
+    """A horizontal bar chart of the values with 95% error bars; None when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rows = doc["contributors"][::-1]
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(rows) + 1.6))
+    vals = [r["value"] for r in rows]
+    colors = ["#c0392b" if v < 0 else "#2e86c1" for v in vals]
+    ax.barh([r["name"] for r in rows], vals, xerr=[1.96 * r["stderr"] for r in rows], color=colors, capsize=3)
+    ax.axvline(0, color="black", linewidth=0.8)
+    ax.set_xlabel(f"Shapley value of {doc['property']} (95% interval)")
+    ax.set_title(f"{doc['run']}: {doc['evaluations']} coalitions, v(full)={doc['vFull']:.3g}, v(∅)={doc['vEmpty']:.3g}")
+    fig.tight_layout()
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "values.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return path.read_bytes()
+
+
+def save_results(store: Storage, doc: dict[str, Any]) -> None:
+    """Write shapley.json, shapley.csv and values.png under results/."""
+    write_json(store, f"{layout.RESULTS}/shapley.json", doc)
+    store.write_bytes(f"{layout.RESULTS}/shapley.csv", to_csv(doc).encode())
+    png = plot_png(doc)
+    if png:
+        store.write_bytes(f"{layout.RESULTS}/values.png", png)
+
+
+def load_results(store: Storage) -> dict[str, Any]:
+    """Read results/shapley.json of a finished run."""
+    return read_json(store, f"{layout.RESULTS}/shapley.json")
+
+
+def results_table(doc: dict[str, Any]) -> Any:
+    """A rich table of the values, best first; harmful contributors in red."""
+    from rich.table import Table
+
+    t = Table(title=f"Shapley values of {doc['property']} — {doc['run']}", title_justify="left")
+    for col, just in (("#", "right"), ("contributor", "left"), ("value", "right"), ("± 95%", "right"),
+                      ("images", "right")):
+        t.add_column(col, justify=just)
+    for r in doc["contributors"]:
+        style = "red" if r["ci95"][1] < 0 else ("green" if r["ci95"][0] > 0 else "")
+        t.add_row(str(r["rank"]), r["name"], f"{r['value']:+.4f}", f"{1.96 * r['stderr']:.4f}", str(r["images"]),
+                  style=style)
+    t.caption = (f"v(full)={doc['vFull']:.4f}  v(∅)={doc['vEmpty']:.4f}  coalitions={doc['evaluations']}  "
+                 f"{doc['stopReason']}  {doc['wallClockSeconds']:.0f}s")
+    return t

@@ -1,0 +1,271 @@
+"""The ValuationRun schema: one pydantic model drives CLI validation, the CRD and the worker config."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.alias_generators import to_camel
+
+API_VERSION = "datacredit.dev/v1alpha1"
+KIND = "ValuationRun"
+DNS1123 = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|Ki|Mi|Gi|Ti|M|G|T)?$"
+
+PropertyName = str  # properties are pluggable by name; the worker checks the name against its registry
+
+
+class _Model(BaseModel):
+    """Base: camelCase keys in YAML, unknown keys refused (typos are errors, not silently ignored)."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True)
+
+
+class Architecture(_Model):
+    """UNet shape used when the model is trained from scratch."""
+
+    sample_size: Annotated[int, Field(ge=4, le=1024, description="Image side in pixels the model works at.")] = 16
+    block_out_channels: Annotated[
+        list[Annotated[int, Field(ge=4, le=4096)]],
+        Field(min_length=1, max_length=6, description="Output channels of each UNet block."),
+    ] = [32, 64]
+    layers_per_block: Annotated[int, Field(ge=1, le=4)] = 1
+    attention: Annotated[bool, Field(description="Self-attention in the last down block and first up block.")] = True
+
+
+class TrainSpec(_Model):
+    """Training of the full model when no checkpoint is given."""
+
+    steps: Annotated[int, Field(ge=1, le=10_000_000)] = 1500
+    learning_rate: Annotated[float, Field(gt=0, le=1)] = 2e-3
+    batch_size: Annotated[int, Field(ge=1, le=65536)] = 64
+
+
+class ModelSpec(_Model):
+    """The trained model to credit (or how to train it)."""
+
+    family: Literal["ddpm", "ldm", "sd-lora"] = "ddpm"
+    checkpoint: Annotated[
+        str | None, Field(description="Diffusers model folder (path or s3:// URI). Empty: train from scratch.")
+    ] = None
+    architecture: Architecture = Architecture()
+    train: TrainSpec = TrainSpec()
+
+
+class ContributorsSpec(_Model):
+    """How images are assigned to contributors."""
+
+    by: Literal["folder", "manifest", "filename-prefix"] = "folder"
+    manifest: Annotated[str | None, Field(description="CSV with columns path,contributor (by: manifest).")] = None
+    separator: Annotated[str, Field(min_length=1, max_length=8, description="Prefix separator.")] = "_"
+
+    @model_validator(mode="after")
+    def _manifest_needed(self) -> ContributorsSpec:
+        if self.by == "manifest" and not self.manifest:
+            raise ValueError("contributors.by is 'manifest' but contributors.manifest (a CSV path or URI) is empty")
+        return self
+
+
+class DatasetSpec(_Model):
+    """Training images and their contributors."""
+
+    images: Annotated[str, Field(min_length=1, description="Folder or s3:// prefix holding PNG/JPEG images.")]
+    contributors: ContributorsSpec = ContributorsSpec()
+    channels: Literal[1, 3] = 1
+
+
+class PropertySpec(_Model):
+    """The global property F of generated samples; higher is better."""
+
+    name: Annotated[
+        PropertyName,
+        Field(min_length=1, max_length=200, description="Registered property (quality, diversity) or module:function."),
+    ] = "quality"
+    samples: Annotated[int, Field(ge=8, le=1_000_000, description="Images generated per coalition.")] = 256
+    reference: Annotated[
+        str | None, Field(description="Held-out real images (folder or s3:// prefix, one subfolder per class).")
+    ] = None
+    weights: Annotated[str | None, Field(description="Feature-network weights (path or s3:// URI).")] = None
+
+
+class PruneSpec(_Model):
+    """Structured pruning of the full model and its fine-tuning on all data."""
+
+    ratio: Annotated[float, Field(gt=0, lt=1, description="Fraction of channels removed.")] = 0.3
+    importance: Literal["magnitude"] = "magnitude"
+    finetune_steps: Annotated[int, Field(ge=0, le=10_000_000)] = 400
+
+
+class FinetuneSpec(_Model):
+    """Per-coalition fine-tuning of the sparsified model."""
+
+    steps: Annotated[int, Field(ge=1, le=10_000_000)] = 150
+    learning_rate: Annotated[float, Field(gt=0, le=1)] = 1e-3
+    batch_size: Annotated[int, Field(ge=1, le=65536)] = 64
+
+
+class SamplerSpec(_Model):
+    """How samples are generated."""
+
+    name: Literal["ddim"] = "ddim"
+    steps: Annotated[int, Field(ge=1, le=1000)] = 25
+
+
+class MethodSpec(_Model):
+    """Sparsified fine-tuning settings."""
+
+    prune: PruneSpec = PruneSpec()
+    finetune: FinetuneSpec = FinetuneSpec()
+    sampler: SamplerSpec = SamplerSpec()
+
+
+class EstimatorSpec(_Model):
+    """Which coalitions to evaluate and how Shapley values are fitted."""
+
+    name: Literal["kernel", "exact", "permutation", "banzhaf", "loo"] = "kernel"
+    budget: Annotated[int, Field(ge=2, le=100_000, description="Most coalitions evaluated, ∅ and full set included.")] = 64
+    tolerance: Annotated[
+        float, Field(ge=0, le=1, description="Stop when the widest 95% interval < tolerance × value range.")
+    ] = 0.02
+    seed: Annotated[int, Field(ge=0, le=2**31 - 1)] = 0
+
+
+class Resources(_Model):
+    """Resources of each worker pod; GPU requests equal limits."""
+
+    gpu: Annotated[int, Field(ge=0, le=64)] = 1
+    cpu: Annotated[str, Field(pattern=QUANTITY)] = "8"
+    memory: Annotated[str, Field(pattern=QUANTITY)] = "32Gi"
+
+
+class ExecutionSpec(_Model):
+    """Where and how the worker steps run."""
+
+    parallelism: Annotated[int, Field(ge=1, le=1024, description="Coalitions evaluated at once.")] = 2
+    image: Annotated[str, Field(min_length=1)] = "ghcr.io/datacredit/datacredit-worker:0.1.0"
+    resources: Resources = Resources()
+    node_selector: dict[str, str] = {}
+    tolerations: list[dict[str, Any]] = []
+    priority_class_name: str = ""
+    queue_name: Annotated[str, Field(description="Kueue LocalQueue; sets the kueue.x-k8s.io/queue-name label.")] = ""
+    service_account_name: str = ""
+    max_attempts_per_coalition: Annotated[int, Field(ge=1, le=20)] = 3
+    max_failed_coalitions: Annotated[
+        int, Field(ge=0, le=100_000, description="Coalitions failed for good before the run fails.")
+    ] = 3
+    active_deadline_seconds: Annotated[int, Field(ge=60, le=30 * 24 * 3600)] = 7200
+    ttl_seconds_after_finished: Annotated[int, Field(ge=0, le=30 * 24 * 3600)] = 3600
+
+
+class StorageSpec(_Model):
+    """Run storage: the single source of truth."""
+
+    uri: Annotated[str, Field(min_length=1, description="Local path, file:// or s3://bucket/prefix.")] = "./runs"
+    endpoint: Annotated[str, Field(description="S3 endpoint URL for MinIO/Ceph; empty for AWS.")] = ""
+    region: str = ""
+    path_style: Annotated[bool, Field(description="Path-style S3 addressing (MinIO needs it).")] = True
+    credentials_secret: Annotated[
+        str, Field(description="Secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY for the Jobs.")
+    ] = ""
+
+    @field_validator("uri")
+    @classmethod
+    def _scheme(cls, v: str) -> str:
+        if "://" in v and not v.startswith(("s3://", "file://")):
+            raise ValueError(f"unsupported scheme in {v!r}: use a local path, file:// or s3://")
+        return v
+
+
+class ValuationRunSpec(_Model):
+    """What to value, with which method, where."""
+
+    model: ModelSpec = ModelSpec()
+    dataset: DatasetSpec
+    property: PropertySpec = PropertySpec()
+    method: MethodSpec = MethodSpec()
+    estimator: EstimatorSpec = EstimatorSpec()
+    execution: ExecutionSpec = ExecutionSpec()
+    storage: StorageSpec = StorageSpec()
+    seed: Annotated[int, Field(ge=0, le=2**31 - 1, description="Seed of training, fine-tuning and sampling.")] = 0
+    suspend: Annotated[bool, Field(description="Stop starting new Jobs (operator only).")] = False
+
+
+class Metadata(BaseModel):
+    """Kubernetes object metadata; the API server adds fields we keep but ignore."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    name: Annotated[str, Field(min_length=1, max_length=63, pattern=DNS1123)]
+    namespace: Annotated[str, Field(min_length=1, max_length=63, pattern=DNS1123)] = "default"
+
+
+class ValuationRun(BaseModel):
+    """A ValuationRun manifest, exactly what `kubectl apply` and `datacredit run` take."""
+
+    model_config = ConfigDict(populate_by_name=True, extra="forbid", frozen=True)
+    api_version: Annotated[Literal["datacredit.dev/v1alpha1"], Field(alias="apiVersion")] = API_VERSION
+    kind: Literal["ValuationRun"] = KIND
+    metadata: Metadata
+    spec: ValuationRunSpec
+    status: dict[str, Any] | None = None
+
+    def config_hash(self) -> str:
+        """Hash of everything that changes utilities (not execution or storage): names the run and coalitions."""
+        s = self.spec
+        keyed = {k: getattr(s, k).model_dump(mode="json") for k in ("model", "dataset", "property", "method")}
+        keyed["seed"] = s.seed
+        return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()
+
+    def to_manifest(self) -> dict[str, Any]:
+        """The manifest as a dict with camelCase keys, defaults filled in."""
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True, exclude={"status"})
+
+
+class SpecError(ValueError):
+    """A manifest failed validation; `problems` lists (field path, reason)."""
+
+    def __init__(self, source: str, problems: list[tuple[str, str]]):
+        self.source = source
+        self.problems = problems
+        lines = "\n".join(f"  {path}: {msg}" for path, msg in problems)
+        super().__init__(f"{source}: {len(problems)} invalid field(s)\n{lines}")
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(root)"
+
+
+def parse_manifest(data: Any, source: str = "manifest") -> ValuationRun:
+    """Validate a manifest dict; raise SpecError naming every invalid field."""
+    if not isinstance(data, dict):
+        raise SpecError(source, [("(root)", "expected a YAML mapping with apiVersion, kind, metadata, spec")])
+    try:
+        return ValuationRun.model_validate(data)
+    except ValidationError as e:
+        problems = []
+        for err in e.errors():
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                msg = "unknown field (check the spelling; keys are camelCase)"
+            problems.append((_loc(err["loc"]), msg))
+        raise SpecError(source, problems) from None
+
+
+def load_manifest(path: str | Path) -> ValuationRun:
+    """Read and validate a YAML manifest file (exactly one ValuationRun document)."""
+    p = Path(path)
+    if not p.is_file():
+        raise SpecError(str(p), [("(file)", "no such file")])
+    try:
+        docs = [d for d in yaml.safe_load_all(p.read_text()) if d is not None]
+    except yaml.YAMLError as e:
+        raise SpecError(str(p), [("(yaml)", str(e).replace("\n", " "))]) from None
+    if len(docs) != 1:
+        raise SpecError(str(p), [("(file)", f"expected exactly one YAML document, found {len(docs)}")])
+    return parse_manifest(docs[0], str(p))

@@ -1,0 +1,102 @@
+"""Spec validation: good manifests parse with defaults, bad ones are refused naming the field."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from datacredit.spec import SpecError, load_manifest, parse_manifest
+
+GOOD = {
+    "apiVersion": "datacredit.dev/v1alpha1",
+    "kind": "ValuationRun",
+    "metadata": {"name": "cifar20-quality"},
+    "spec": {"dataset": {"images": "s3://bucket/data/cifar20/"}},
+}
+
+
+def with_change(path: str, value: object) -> dict:
+    """GOOD with one field set (dotted path; value None deletes)."""
+    doc = copy.deepcopy(GOOD)
+    *parents, leaf = path.split(".")
+    node = doc
+    for p in parents:
+        node = node.setdefault(p, {})
+    if value is None:
+        node.pop(leaf, None)
+    else:
+        node[leaf] = value
+    return doc
+
+
+def test_defaults_fill_in() -> None:
+    run = parse_manifest(GOOD)
+    assert run.metadata.namespace == "default"
+    assert run.spec.method.prune.ratio == 0.3
+    assert run.spec.estimator.name == "kernel"
+    m = run.to_manifest()
+    assert m["spec"]["method"]["finetune"]["learningRate"] == run.spec.method.finetune.learning_rate
+    assert parse_manifest(m) == run  # round trip through camelCase
+
+
+BAD = [
+    ("apiVersion", "datacredit.dev/v2", "apiVersion"),
+    ("kind", "Experiment", "kind"),
+    ("metadata.name", "Bad_Name", "metadata.name"),
+    ("spec.dataset", None, "spec.dataset"),
+    ("spec.dataset.images", "", "spec.dataset.images"),
+    ("spec.dataset.contributors", {"by": "manifest"}, "spec.dataset.contributors"),
+    ("spec.dataset.contributors", {"by": "artist"}, "spec.dataset.contributors.by"),
+    ("spec.model", {"family": "gan"}, "spec.model.family"),
+    ("spec.method", {"prune": {"ratio": 1.5}}, "spec.method.prune.ratio"),
+    ("spec.method", {"finetune": {"steps": 0}}, "spec.method.finetune.steps"),
+    ("spec.method", {"finetune": {"learningRate": -1}}, "spec.method.finetune.learningRate"),
+    ("spec.estimator", {"budget": 1}, "spec.estimator.budget"),
+    ("spec.estimator", {"name": "tmc"}, "spec.estimator.name"),
+    ("spec.execution", {"parallelism": 0}, "spec.execution.parallelism"),
+    ("spec.execution", {"resources": {"memory": "lots"}}, "spec.execution.resources.memory"),
+    ("spec.storage", {"uri": "gs://bucket/x"}, "spec.storage.uri"),
+    ("spec.property", {"samples": 2}, "spec.property.samples"),
+    ("spec.estimator", {"bugdet": 10}, "spec.estimator.bugdet"),
+    ("spec.model", {"architecture": {"blockOutChannels": []}}, "spec.model.architecture.blockOutChannels"),
+]
+
+
+@pytest.mark.parametrize(("path", "value", "field"), BAD, ids=[b[2] for b in BAD])
+def test_bad_manifest_names_field(path: str, value: object, field: str) -> None:
+    with pytest.raises(SpecError) as e:
+        parse_manifest(with_change(path, value))
+    fields = [p for p, _ in e.value.problems]
+    assert field in fields, fields
+
+
+def test_every_problem_is_reported_at_once() -> None:
+    doc = with_change("spec.estimator", {"budget": 0, "tolerance": 5})
+    doc["spec"]["execution"] = {"parallelism": -1}
+    with pytest.raises(SpecError) as e:
+        parse_manifest(doc)
+    assert {p for p, _ in e.value.problems} == {
+        "spec.estimator.budget", "spec.estimator.tolerance", "spec.execution.parallelism"}
+
+
+def test_load_manifest_file_errors(tmp_path: Path) -> None:
+    with pytest.raises(SpecError, match="no such file"):
+        load_manifest(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("spec: [unclosed\n")
+    with pytest.raises(SpecError, match="yaml"):
+        load_manifest(bad)
+    two = tmp_path / "two.yaml"
+    two.write_text(yaml.safe_dump(GOOD) + "---\n" + yaml.safe_dump(GOOD))
+    with pytest.raises(SpecError, match="exactly one"):
+        load_manifest(two)
+
+
+def test_config_hash_ignores_execution_and_storage() -> None:
+    a = parse_manifest(GOOD)
+    b = parse_manifest(with_change("spec.execution", {"parallelism": 7}))
+    c = parse_manifest(with_change("spec.seed", 3))
+    assert a.config_hash() == b.config_hash() != c.config_hash()

@@ -1,0 +1,51 @@
+"""Local storage semantics and safe ids (the S3 flavour is in test_storage_s3.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from datacredit.ids import coalition_id, contributor_id
+from datacredit.storage import LocalStorage, StorageError, open_storage, read_json, write_json
+
+
+def test_round_trip_list_and_conditional_write(tmp_path: Path) -> None:
+    store = open_storage(f"file://{tmp_path}/run")
+    assert isinstance(store, LocalStorage)
+    write_json(store, "coalitions/c1/result.json", {"utility": 1.0})
+    assert store.exists("coalitions/c1/result.json")
+    assert not store.write_bytes("coalitions/c1/result.json", b"{}", if_absent=True)
+    assert read_json(store, "coalitions/c1/result.json") == {"utility": 1.0}
+    store.write_bytes("a.txt", b"x")
+    assert store.list() == ["a.txt", "coalitions/c1/result.json"]
+    assert store.child("coalitions").list() == ["c1/result.json"]
+    with pytest.raises(FileNotFoundError):
+        store.read_bytes("nope")
+
+
+@pytest.mark.parametrize("key", ["../escape", "/abs", "a//b", "a/../../b"])
+def test_keys_cannot_escape(tmp_path: Path, key: str) -> None:
+    with pytest.raises(StorageError):
+        LocalStorage(tmp_path).write_bytes(key, b"x")
+
+
+def test_unknown_scheme() -> None:
+    with pytest.raises(StorageError, match="unsupported"):
+        open_storage("gs://bucket/x")
+
+
+@pytest.mark.parametrize("name", ["../../etc/passwd", "Ann/Lee", "ünïcode", "", "a b", "A B"])
+def test_contributor_ids_are_safe(name: str) -> None:
+    cid = contributor_id(name)
+    assert "/" not in cid and ".." not in cid and cid == cid.lower()
+
+
+def test_contributor_ids_do_not_collide() -> None:
+    names = ["a b", "a-b", "A B", "a_b", "a/b"]
+    assert len({contributor_id(n) for n in names}) == len(names)
+
+
+def test_coalition_id_is_order_free_and_config_bound() -> None:
+    assert coalition_id(["x", "y"], "h") == coalition_id(["y", "x"], "h") != coalition_id(["x", "y"], "h2")
+    assert coalition_id([], "h") != coalition_id(["x"], "h")
