@@ -92,10 +92,7 @@ def report(
     from .runstate import open_run
     from .storage import open_storage
 
-    if Path(target).is_file():
-        store = open_run(_load(Path(target))).store
-    else:
-        store = open_storage(target)
+    store = open_run(_load(Path(target))).store if Path(target).is_file() else open_storage(target)
     try:
         doc = load_results(store)
     except FileNotFoundError:
@@ -109,19 +106,22 @@ def estimate(
     table: Annotated[Path, typer.Option(help="utilities.jsonl of a run: one {members, utility} per line.")],
     method: Annotated[str, typer.Option(help="kernel | exact | permutation | banzhaf | loo")] = "kernel",
     players: Annotated[int | None, typer.Option(help="Number of contributors (default: from the table).")] = None,
-    seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
     """Re-estimate values offline from stored coalition utilities, without re-running GPUs."""
     from rich.table import Table
 
-    from .planner import estimate_from_table, read_table
+    from .shapley import estimate_from_table, read_jsonl
 
     if not table.is_file():
         err.print(f"[red]no such file[/] {table}")
         raise typer.Exit(EXIT_BAD_INPUT)
-    rows = read_table(table.read_text())
-    n = players or 1 + max((max(r[0]) for r in rows if len(r[0])), default=-1)
-    est = estimate_from_table(rows, n_players=n, method=method, seed=seed)
+    rows = read_jsonl(table)
+    n = players or 1 + max((max(r.members) for r in rows if len(r.members)), default=-1)
+    try:
+        est = estimate_from_table(rows, n_players=n, method=method)
+    except (ValueError, KeyError) as e:
+        err.print(f"[red]cannot estimate[/] {method} from {table}: {e}")
+        raise typer.Exit(EXIT_BAD_INPUT) from None
     t = Table(title=f"{method} from {len(rows)} coalitions")
     t.add_column("player", justify="right")
     t.add_column("value", justify="right")
@@ -135,13 +135,19 @@ def estimate(
 def demo(
     quick: Annotated[bool, typer.Option("--quick", help="Toy size, about a minute: a first look.")] = False,
     directory: Annotated[Path, typer.Option("--dir", help="Where data, manifest and run go.")] = Path("demo-run"),
+    data_only: Annotated[bool, typer.Option("--data-only", help="Only write the data set and manifest.")] = False,
 ) -> None:
-    """Value 10 contributors of handwritten digits (3 planted bad ones) for image quality, on CPU."""
+    """Value 10 contributors of handwritten digits (3 planted bad) for image quality, on CPU.
+
+    Seven contributors hold real digits; `noise` holds uniform noise, `blank` near-blank images and
+    `duplicate` one digit copied many times. They should rank last.
+    """
     from .demo import build_demo
 
     manifest = build_demo(directory, quick=quick)
     out.print(f"demo data and manifest: {manifest}")
-    run(manifest)
+    if not data_only:
+        run(manifest, workers=None, storage=None)
 
 
 @worker.command("prepare")
@@ -186,6 +192,30 @@ def worker_coalition(
         err.print(f"[red]bad input:[/] {e}")
         raise typer.Exit(EXIT_BAD_INPUT) from None
     out.print(f"coalition {res['id']}: utility {res['utility']:.5f}")
+
+
+@app.command("operator")
+def operator_cmd(
+    namespace: Annotated[list[str] | None, typer.Option("--namespace", "-n", help="Watch only these namespaces "
+                                                           "(repeatable; default: DATACREDIT_WATCH_NAMESPACES "
+                                                           "or cluster-wide).")] = None,
+    metrics_port: Annotated[int, typer.Option(help="Prometheus /metrics port.")] = 8080,
+    liveness_port: Annotated[int, typer.Option(help="kopf liveness /healthz port (0: off).")] = 8081,
+) -> None:
+    """Run the Kubernetes operator (kopf): reconcile ValuationRuns into Jobs, status, metrics and events."""
+    from .operator.main import run_operator
+
+    run_operator(namespaces=namespace or [], metrics_port=metrics_port, liveness_port=liveness_port)
+
+
+@app.command()
+def crd() -> None:
+    """Print the ValuationRun CustomResourceDefinition generated from the spec model."""
+    import yaml
+
+    from .crd import build_crd
+
+    out.print(yaml.safe_dump(build_crd(), sort_keys=False), end="", markup=False, highlight=False)
 
 
 def main() -> None:

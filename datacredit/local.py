@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
 import os
 import time
@@ -51,7 +52,7 @@ def _coalition_task(run_uri: str, s3: dict[str, Any], members: list[int], attemp
 def _top_line(planner: Planner, names: list[str], k: int = 3) -> str:
     try:
         est = planner.estimate()
-    except ValueError:
+    except (ValueError, np.linalg.LinAlgError):
         return ""
     order = np.argsort(-est.values)[:k]
     return "top: " + ", ".join(f"{names[i]} {est.values[i]:+.3f}" for i in order)
@@ -87,6 +88,7 @@ def execute(run: ValuationRun, *, workers: int | None = None, console: Console |
     attempts: dict[str, int] = {}
     failed: list[str] = []
     pending: dict[Future[dict[str, Any]], np.ndarray] = {}
+    told: list[tuple[np.ndarray, float]] = []
     done_before = 0
 
     columns = [TextColumn("[bold]coalitions"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -111,7 +113,8 @@ def execute(run: ValuationRun, *, workers: int | None = None, console: Console |
                     coal = np.asarray(batch[0], dtype=bool)
                     cid = coalition_id([ids[i] for i in np.flatnonzero(coal)], ref.config_hash)
                     if store.exists(layout.coalition_result(cid)):
-                        planner.tell(coal, float(read_json(store, layout.coalition_result(cid))["utility"]))
+                        told.append((coal, float(read_json(store, layout.coalition_result(cid))["utility"])))
+                        planner.tell(*told[-1])
                         done_before += 1
                         bar.update(task, advance=1)
                         continue
@@ -138,7 +141,8 @@ def execute(run: ValuationRun, *, workers: int | None = None, console: Console |
                             ) from e
                         bar.update(task, advance=1)
                         continue
-                    planner.tell(coal, float(res["utility"]))
+                    told.append((coal, float(res["utility"])))
+                    planner.tell(*told[-1])
                     bar.update(task, advance=1, top=_top_line(planner, names))
             bar.update(task, total=bar.tasks[0].completed)
     except KeyboardInterrupt:
@@ -159,28 +163,22 @@ def execute(run: ValuationRun, *, workers: int | None = None, console: Console |
         run_name=run.metadata.name,
         property_name=run.spec.property.name,
         method=run.spec.estimator.name,
-        v_empty=planner_anchor(planner, empty=True),
-        v_full=planner_anchor(planner, empty=False),
+        v_empty=_anchor(told, empty=True),
+        v_full=_anchor(told, empty=False),
         evaluations=int(est.n_evaluations),
         converged=bool(est.converged),
         stop_reason=str(est.stop_reason),
         wall_seconds=time.monotonic() - started,
     )
     save_results(store, doc)
-    table_rows = [{"members": member_indices(c), "utility": u} for c, u in planner.table()]
-    store.write_bytes(layout.UTILITIES, "".join(_jsonl(r) for r in table_rows).encode())
+    rows = [json.dumps({"members": member_indices(c), "utility": u}) + "\n" for c, u in told]
+    store.write_bytes(layout.UTILITIES, "".join(rows).encode())
     return Outcome(ref, doc)
 
 
-def _jsonl(row: dict[str, Any]) -> str:
-    import json
-
-    return json.dumps(row) + "\n"
-
-
-def planner_anchor(planner: Planner, *, empty: bool) -> float:
-    """v(∅) or v(full) as told to the planner."""
-    for coal, u in planner.table():
+def _anchor(told: list[tuple[np.ndarray, float]], *, empty: bool) -> float:
+    """v(∅) or v(full) as evaluated."""
+    for coal, u in told:
         if (not coal.any()) if empty else coal.all():
-            return float(u)
+            return u
     return float("nan")

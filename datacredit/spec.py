@@ -36,6 +36,13 @@ class Architecture(_Model):
     layers_per_block: Annotated[int, Field(ge=1, le=4)] = 1
     attention: Annotated[bool, Field(description="Self-attention in the last down block and first up block.")] = True
 
+    @field_validator("block_out_channels")
+    @classmethod
+    def _groups(cls, v: list[int]) -> list[int]:
+        if any(w % 8 for w in v):
+            raise ValueError(f"every width must be a multiple of 8 (GroupNorm uses 8 groups), got {v}")
+        return v
+
 
 class TrainSpec(_Model):
     """Training of the full model when no checkpoint is given."""
@@ -127,7 +134,9 @@ class EstimatorSpec(_Model):
     """Which coalitions to evaluate and how Shapley values are fitted."""
 
     name: Literal["kernel", "exact", "permutation", "banzhaf", "loo"] = "kernel"
-    budget: Annotated[int, Field(ge=2, le=100_000, description="Most coalitions evaluated, ∅ and full set included.")] = 64
+    budget: Annotated[
+        int, Field(ge=2, le=100_000, description="Most coalitions evaluated, ∅ and full set included.")
+    ] = 64
     tolerance: Annotated[
         float, Field(ge=0, le=1, description="Stop when the widest 95% interval < tolerance × value range.")
     ] = 0.02

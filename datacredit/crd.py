@@ -1,0 +1,303 @@
+"""The ValuationRun CustomResourceDefinition, generated from the pydantic spec (`datacredit crd`).
+
+The spec model's JSON schema is turned into a structural OpenAPI v3.0 schema: `$ref`s inlined, `Optional`
+as `nullable`, JSON-Schema 2020 exclusive bounds in their v3.0 form, `dict[str, str]` as
+`additionalProperties`, free-form objects as `x-kubernetes-preserve-unknown-fields`. Cross-field checks the
+model makes in Python (and a few only a cluster needs) become CEL `x-kubernetes-validations`, so the API
+server refuses a bad manifest at `kubectl apply` time and names the field.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from .spec import API_VERSION, DNS1123, KIND, ValuationRunSpec
+
+GROUP, VERSION = API_VERSION.split("/")
+PLURAL, SINGULAR = "valuationruns", "valuationrun"
+NAME = f"{PLURAL}.{GROUP}"
+SHORT_NAMES = ["vrun", "vruns"]
+CATEGORIES = ["datacredit", "all-valuations"]
+PHASES = ["Pending", "Preparing", "Evaluating", "Suspended", "Succeeded", "Failed"]
+TOP_N = 10
+
+DNS1123_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"  # no \ for CEL
+_KEEP = (  # the keywords kept, in the order they are written
+    "type", "description", "format", "nullable", "enum", "default", "minimum", "exclusiveMinimum", "maximum",
+    "exclusiveMaximum", "minLength", "maxLength", "pattern", "minItems", "maxItems", "required", "properties",
+    "items", "additionalProperties",
+)
+
+# CEL rules, attached to the object at a dotted path of the spec ("" = spec itself).
+# Each mirrors a model validator in datacredit.spec, or says what the operator needs on a cluster.
+SPEC_RULES: dict[str, list[dict[str, str]]] = {
+    "dataset.contributors": [
+        {
+            "rule": "self.by != 'manifest' || (has(self.manifest) && size(self.manifest) > 0)",
+            "message": "contributors.manifest (a CSV path or URI) is required when contributors.by is 'manifest'",
+            "fieldPath": ".manifest",
+        }
+    ],
+    "model.architecture": [
+        {
+            "rule": "self.blockOutChannels.all(w, w % 8 == 0)",
+            "message": "every width must be a multiple of 8 (GroupNorm uses 8 groups)",
+            "fieldPath": ".blockOutChannels",
+        }
+    ],
+    "estimator": [
+        {
+            "rule": "self.name != 'exact' || self.budget >= 4",
+            "message": "estimator exact evaluates every coalition: budget must be at least 4 (2 contributors)",
+            "fieldPath": ".budget",
+        }
+    ],
+    "storage": [
+        {
+            "rule": "self.uri.startsWith('s3://') && size(self.uri) > 5",
+            "message": "the operator needs an s3://bucket/prefix URI (local paths are for `datacredit run`)",
+            "fieldPath": ".uri",
+        }
+    ],
+    "execution": [
+        {
+            "rule": f"self.queueName == '' || (size(self.queueName) <= 63 && self.queueName.matches('{DNS1123}'))",
+            "message": "queueName must be a Kueue LocalQueue name (a DNS-1123 label)",
+            "fieldPath": ".queueName",
+        },
+        {
+            "rule": f"self.priorityClassName == '' || self.priorityClassName.matches('{DNS1123_SUBDOMAIN}')",
+            "message": "priorityClassName must be a PriorityClass name (a DNS-1123 subdomain)",
+            "fieldPath": ".priorityClassName",
+        },
+        {
+            "rule": f"self.serviceAccountName == '' || self.serviceAccountName.matches('{DNS1123_SUBDOMAIN}')",
+            "message": "serviceAccountName must be a ServiceAccount name (a DNS-1123 subdomain)",
+            "fieldPath": ".serviceAccountName",
+        },
+    ],
+    "": [
+        {
+            "rule": f"{field} == oldSelf.{field.removeprefix('self.')}",
+            "message": f"spec.{field.removeprefix('self.')} cannot change once the run exists (its coalitions "
+            "and results depend on it): create a new ValuationRun instead",
+        }
+        for field in ("self.model", "self.dataset", "self.property", "self.method", "self.estimator",
+                      "self.storage.uri", "self.seed")
+    ],
+}
+STORAGE_REQUIRED = ["uri"]  # no local default on a cluster: see the storage rule
+
+
+def _without_nulls(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    return value
+
+
+def _convert(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
+    """One JSON-Schema node (pydantic's) as a structural OpenAPI v3.0 node."""
+    node = copy.deepcopy(node)
+    if "$ref" in node:
+        target = defs[node.pop("$ref").rsplit("/", 1)[-1]]
+        node = {**copy.deepcopy(target), **node}
+    if "anyOf" in node:
+        options = [o for o in node.pop("anyOf") if o.get("type") != "null"]
+        if len(options) != 1:
+            raise ValueError(f"cannot express anyOf {options} in a structural schema")
+        node = {**options[0], **node, "nullable": True}
+        if node.get("default", ...) is None:
+            del node["default"]
+    if "const" in node:
+        node["enum"] = [node.pop("const")]
+    for bound, plain in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):
+        if isinstance(node.get(bound), int | float) and not isinstance(node[bound], bool):
+            node[plain] = node[bound]
+            node[bound] = True
+
+    out: dict[str, Any] = {}
+    for key in _KEEP:
+        if key not in node:
+            continue
+        value = node[key]
+        if key == "properties":
+            out[key] = {name: _convert(child, defs) for name, child in value.items()}
+        elif key == "items":
+            out[key] = _convert(value, defs)
+        elif key == "additionalProperties":
+            if isinstance(value, dict) and value:
+                out[key] = _convert(value, defs)
+            elif value is True or value == {}:
+                out["x-kubernetes-preserve-unknown-fields"] = True
+            # False: a structural schema prunes unknown fields; strict field validation refuses them.
+        else:
+            out[key] = value
+    if isinstance(out.get("default"), dict):  # CEL rules see the default as is: keep it whole, minus nulls
+        out["default"] = _without_nulls(out["default"])
+    if out.get("type") == "object" and "properties" not in out and "additionalProperties" not in out:
+        out["x-kubernetes-preserve-unknown-fields"] = True
+    return out
+
+
+def _at(schema: dict[str, Any], dotted: str) -> dict[str, Any]:
+    node = schema
+    for part in filter(None, dotted.split(".")):
+        node = node["properties"][part]
+    return node
+
+
+def spec_schema() -> dict[str, Any]:
+    """The OpenAPI v3.0 schema of `.spec`, with the CEL rules attached."""
+    raw = ValuationRunSpec.model_json_schema(by_alias=True, mode="validation")
+    schema = _convert(raw, raw.get("$defs", {}))
+    schema["description"] = "What to value, with which method, where (see `datacredit crd` and docs/operator.md)."
+    storage = _at(schema, "storage")
+    storage["required"] = STORAGE_REQUIRED
+    storage["properties"]["uri"].pop("default", None)
+    storage.pop("default", None)
+    schema["required"] = sorted({*schema.get("required", []), "storage"})
+    for path, rules in SPEC_RULES.items():
+        _at(schema, path)["x-kubernetes-validations"] = rules
+    return schema
+
+
+def _condition_schema() -> dict[str, Any]:
+    string = {"type": "string"}
+    return {
+        "type": "object",
+        "required": ["type", "status"],
+        "properties": {
+            "type": {**string, "description": "Prepared, Converged, Ready or Failed."},
+            "status": {"type": "string", "enum": ["True", "False", "Unknown"]},
+            "reason": string,
+            "message": string,
+            "lastTransitionTime": {"type": "string", "format": "date-time"},
+            "observedGeneration": {"type": "integer", "format": "int64"},
+        },
+    }
+
+
+def status_schema() -> dict[str, Any]:
+    """The bounded status the operator writes: counts, an estimate summary and the top contributors."""
+    count = {"type": "integer", "format": "int64", "minimum": 0}
+    number = {"type": "number"}
+    return {
+        "type": "object",
+        "description": "Written by the operator only. Per-coalition detail lives in storage, not here.",
+        "properties": {
+            "phase": {"type": "string", "enum": PHASES},
+            "observedGeneration": {"type": "integer", "format": "int64"},
+            "startTime": {"type": "string", "format": "date-time"},
+            "completionTime": {"type": "string", "format": "date-time"},
+            "contributors": {**count, "description": "Contributors found by the prepare step."},
+            "progress": {"type": "string", "description": "succeeded/planned coalitions, e.g. 12/64."},
+            "coalitions": {
+                "type": "object",
+                "properties": {k: count for k in ("planned", "succeeded", "running", "queued", "failed",
+                                                                   "failedAttempts")},
+            },
+            "estimate": {
+                "type": "object",
+                "properties": {
+                    "evaluations": count,
+                    "maxStderr": number,
+                    "converged": {"type": "boolean"},
+                    "stopReason": {"type": "string"},
+                },
+            },
+            "top": {
+                "type": "array",
+                "maxItems": TOP_N,
+                "description": f"The {TOP_N} contributors with the highest values (all of them: results).",
+                "items": {
+                    "type": "object",
+                    "required": ["contributor", "value"],
+                    "properties": {"contributor": {"type": "string"}, "value": number, "stderr": number},
+                },
+            },
+            "topContributor": {"type": "string"},
+            "results": {"type": "string", "description": "URI of results/ (shapley.json, shapley.csv)."},
+            "conditions": {
+                "type": "array",
+                "items": _condition_schema(),
+                "x-kubernetes-list-type": "map",
+                "x-kubernetes-list-map-keys": ["type"],
+            },
+        },
+    }
+
+
+def build_crd() -> dict[str, Any]:
+    """The apiextensions.k8s.io/v1 CustomResourceDefinition of ValuationRun."""
+    name_rule = {
+        "rule": f"size(self.metadata.name) <= 63 && self.metadata.name.matches('{DNS1123}')",
+        "message": "metadata.name must be a DNS-1123 label (at most 63 characters): it names Jobs and storage",
+    }
+    version = {
+        "name": VERSION,
+        "served": True,
+        "storage": True,
+        "subresources": {"status": {}},
+        "additionalPrinterColumns": [
+            {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+            {"name": "Progress", "type": "string", "jsonPath": ".status.progress",
+             "description": "succeeded/planned coalitions"},
+            {"name": "Top", "type": "string", "jsonPath": ".status.topContributor",
+             "description": "contributor with the highest value so far"},
+            {"name": "Estimator", "type": "string", "jsonPath": ".spec.estimator.name", "priority": 1},
+            {"name": "Max-Stderr", "type": "number", "jsonPath": ".status.estimate.maxStderr", "priority": 1},
+            {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+        ],
+        "schema": {
+            "openAPIV3Schema": {
+                "type": "object",
+                "description": "A Shapley valuation of the data contributors of a diffusion model.",
+                "required": ["spec"],
+                "properties": {
+                    "apiVersion": {"type": "string"},
+                    "kind": {"type": "string"},
+                    "metadata": {"type": "object"},
+                    "spec": spec_schema(),
+                    "status": status_schema(),
+                },
+                "x-kubernetes-validations": [name_rule],
+            }
+        },
+    }
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": NAME, "labels": {"app.kubernetes.io/name": "datacredit"}},
+        "spec": {
+            "group": GROUP,
+            "scope": "Namespaced",
+            "names": {
+                "plural": PLURAL,
+                "singular": SINGULAR,
+                "kind": KIND,
+                "listKind": f"{KIND}List",
+                "shortNames": SHORT_NAMES,
+                "categories": CATEGORIES,
+            },
+            "versions": [version],
+        },
+    }
+
+
+def crd_yaml() -> str:
+    """The CRD as the YAML committed under crds/ (and the chart's crds-src/)."""
+    import yaml
+
+    return yaml.safe_dump(build_crd(), sort_keys=False, width=100, allow_unicode=True)
+
+
+def main() -> None:
+    """`python -m datacredit.crd`: print the CRD as YAML."""
+    import sys
+
+    sys.stdout.write(crd_yaml())
+
+
+if __name__ == "__main__":
+    main()

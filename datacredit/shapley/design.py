@@ -1,0 +1,229 @@
+"""Deterministic evaluation plans: the ordered sequence of coalitions each method evaluates.
+
+A plan depends only on (n_players, budget, method, seed), so every executor that walks it in order
+evaluates the same coalitions. Every plan starts with ∅ and the full set. Any prefix that ends at
+one of ``Plan.boundaries`` is itself a valid (anytime) design; convergence checks happen there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from itertools import combinations
+
+import numpy as np
+
+from datacredit.shapley.result import StopReason
+from datacredit.shapley.sizes import (
+    n_classes,
+    pairs_in_class,
+    shapley_class_mass,
+    uniform_class_mass,
+)
+from datacredit.shapley.table import coalition_key
+
+METHODS = ("exact", "kernel", "permutation", "banzhaf", "loo")
+MAX_EXACT_PLAYERS = 20
+#: A size class with at most this many complement pairs is enumerated and shuffled, not rejection-sampled.
+ENUMERATE_CLASS_LIMIT = 20_000
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The ordered coalitions of one run and the structure estimators need to read them."""
+
+    method: str
+    n_players: int
+    budget: int
+    seed: int
+    sequence: np.ndarray  # (m, n) bool, distinct coalitions, ∅ and the full set first
+    boundaries: np.ndarray  # increasing positions where a design unit (pair, permutation pair) ends
+    end_reason: StopReason  # why the sequence ends where it does
+    chains: np.ndarray | None = None  # permutation only: (P, n + 1) positions of each prefix
+
+    def checkpoints(self, min_evaluations: int, check_every: int) -> list[int]:
+        """Unit boundaries, before the end, at which the stopping rule is evaluated."""
+        out: list[int] = []
+        target = min_evaluations
+        for b in self.boundaries.tolist():
+            if b >= len(self.sequence):
+                break
+            if b >= target:
+                out.append(b)
+                target = b + check_every
+        return out
+
+
+class _Sequence:
+    """Append-only list of distinct coalitions."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self.rows: list[np.ndarray] = []
+        self.index: dict[bytes, int] = {}
+
+    def add(self, mask: np.ndarray) -> int:
+        """Position of ``mask``, appending it if new."""
+        key = coalition_key(mask)
+        if key not in self.index:
+            self.index[key] = len(self.rows)
+            self.rows.append(mask)
+        return self.index[key]
+
+    def __contains__(self, mask: np.ndarray) -> bool:
+        return coalition_key(mask) in self.index
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def array(self) -> np.ndarray:
+        return np.array(self.rows, dtype=bool).reshape(len(self.rows), self.n)
+
+
+def make_plan(n_players: int, budget: int, method: str = "kernel", seed: int = 0) -> Plan:
+    """Build the deterministic plan of ``method`` for ``n_players`` within ``budget`` evaluations."""
+    if n_players < 1:
+        raise ValueError("n_players must be >= 1")
+    if budget < 2:
+        raise ValueError("budget must be >= 2 (∅ and the full set)")
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if method == "exact":
+        return _exact_plan(n_players, budget, seed)
+    seq = _Sequence(n_players)
+    seq.add(np.zeros(n_players, dtype=bool))
+    seq.add(np.ones(n_players, dtype=bool))
+    rng = np.random.default_rng(seed)
+    if method == "loo":
+        return _loo_plan(seq, budget, seed)
+    if method == "permutation":
+        return _permutation_plan(seq, budget, seed, rng)
+    return _paired_plan(seq, budget, method, seed, rng)
+
+
+def _finish(
+    seq: _Sequence,
+    method: str,
+    budget: int,
+    seed: int,
+    boundaries: list[int],
+    end_reason: StopReason,
+    chains: np.ndarray | None = None,
+) -> Plan:
+    if 2**seq.n == len(seq):
+        end_reason = StopReason.ALL_COALITIONS
+    return Plan(method, seq.n, budget, seed, seq.array(), np.array(boundaries, dtype=int), end_reason, chains)
+
+
+def _exact_plan(n: int, budget: int, seed: int) -> Plan:
+    if n > MAX_EXACT_PLAYERS:
+        raise ValueError(f"exact needs 2^n evaluations; n = {n} > {MAX_EXACT_PLAYERS} is not supported")
+    if budget < 2**n:
+        raise ValueError(f"exact needs a budget of 2^{n} = {2**n}, got {budget}")
+    order = np.concatenate([[0, 2**n - 1], np.arange(1, 2**n - 1)])
+    sequence = (order[:, None] >> np.arange(n) & 1).astype(bool)
+    return Plan("exact", n, budget, seed, sequence, np.array([2**n]), StopReason.ALL_COALITIONS)
+
+
+def _loo_plan(seq: _Sequence, budget: int, seed: int) -> Plan:
+    n = seq.n
+    if budget < n + 2:
+        raise ValueError(f"loo needs a budget of n + 2 = {n + 2}, got {budget}")
+    for i in range(n):
+        mask = np.ones(n, dtype=bool)
+        mask[i] = False
+        seq.add(mask)
+    return _finish(seq, "loo", budget, seed, [len(seq)], StopReason.DESIGN_COMPLETE)
+
+
+def _class_targets(n: int, method: str) -> np.ndarray:
+    """Share of sampled pairs per size class 1 .. n // 2.
+
+    kernel: the geometric mean of the Shapley-kernel and the leverage-score (uniform-size) share, a
+    Neyman-style compromise (Chen et al. 2025's "modified l2" weights); banzhaf: the Binomial(n, 1/2)
+    share of each class, i.e. Bernoulli(1/2) membership stratified by size.
+    """
+    c = np.arange(1, n_classes(n) + 1)
+    if method == "kernel":
+        sizes_in_class = np.where(2 * c == n, 1.0, 2.0)
+        share = np.sqrt(shapley_class_mass(n, c) * sizes_in_class)
+    else:
+        share = uniform_class_mass(n, c)
+    return share / share.sum()
+
+
+def _class_pairs(n: int, c: int, rng: np.random.Generator, taken: _Sequence) -> Iterator[np.ndarray]:
+    """Distinct pair representatives (the size-c member; with player 0 when 2c == n), in random order."""
+    half = 2 * c == n
+    if pairs_in_class(n, c) <= ENUMERATE_CLASS_LIMIT:
+        others = range(1, n) if half else range(n)
+        combos = np.array(list(combinations(others, c - 1 if half else c)), dtype=int)
+        for row in combos[rng.permutation(len(combos))]:
+            mask = np.zeros(n, dtype=bool)
+            mask[row] = True
+            mask[0] |= half
+            if mask not in taken:
+                yield mask
+        return
+    while True:  # the class is far larger than any budget: rejection sampling rarely repeats
+        mask = np.zeros(n, dtype=bool)
+        mask[rng.choice(n, c, replace=False)] = True
+        if half and not mask[0]:
+            mask = ~mask
+        if mask not in taken:
+            yield mask
+
+
+def _paired_plan(seq: _Sequence, budget: int, method: str, seed: int, rng: np.random.Generator) -> Plan:
+    """Complement pairs without replacement, allocated to size classes by a deterministic quota.
+
+    For ``kernel`` with budget >= 4n + 2 the border class (singletons and leave-one-out coalitions)
+    is enumerated first. The remaining pairs go to the open class whose count lags its target share
+    most, so every prefix is close to the target allocation.
+    """
+    n = seq.n
+    boundaries = [len(seq)]
+    classes = np.arange(1, n_classes(n) + 1)
+    caps = [pairs_in_class(n, int(c)) for c in classes]
+    counts = np.zeros(len(classes), dtype=int)
+    max_pairs = (budget - len(seq)) // 2
+
+    def add_pair(mask: np.ndarray, k: int) -> None:
+        seq.add(mask)
+        seq.add(~mask)
+        counts[k] += 1
+        boundaries.append(len(seq))
+
+    if method == "kernel" and n >= 3 and budget >= 4 * n + 2:
+        for i in rng.permutation(n):
+            add_pair(np.arange(n) == i, 0)
+    targets = _class_targets(n, method)
+    samplers = [_class_pairs(n, int(c), rng, seq) for c in classes]
+    while counts.sum() < max_pairs:
+        open_ = np.array([counts[k] < caps[k] for k in range(len(classes))])
+        if not open_.any():
+            break
+        share = np.where(open_, targets, 0.0)
+        deficit = share / share.sum() * (counts[open_].sum() + 1) - counts
+        k = int(np.argmax(np.where(open_, deficit, -np.inf)))
+        add_pair(next(samplers[k]), k)
+    return _finish(seq, method, budget, seed, boundaries, StopReason.BUDGET)
+
+
+def _permutation_plan(seq: _Sequence, budget: int, seed: int, rng: np.random.Generator) -> Plan:
+    """Antithetic permutation pairs (a permutation and its reverse); repeated prefixes are reused."""
+    n = seq.n
+    chains: list[list[int]] = []
+    boundaries = [len(seq)]
+    while len(seq) < 2**n:
+        order = rng.permutation(n)
+        pair_masks = [np.tri(n + 1, n, -1, dtype=bool)[:, np.argsort(perm)] for perm in (order, order[::-1])]
+        new = {coalition_key(m) for masks in pair_masks for m in masks if m not in seq}
+        if len(seq) + len(new) > budget:
+            break
+        chains.extend([seq.add(m) for m in masks] for masks in pair_masks)
+        boundaries.append(len(seq))
+    if not chains and len(seq) < 2**n:
+        raise ValueError(f"permutation needs a budget of about 2n = {2 * n} for one antithetic pair, got {budget}")
+    chain_array = np.array(chains, dtype=int).reshape(-1, n + 1)
+    return _finish(seq, "permutation", budget, seed, boundaries, StopReason.BUDGET, chain_array)

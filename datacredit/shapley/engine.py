@@ -1,0 +1,126 @@
+"""Run a plan against a utility, and estimate any method from a table of evaluated coalitions."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import numpy as np
+
+from datacredit.shapley.banzhaf import banzhaf
+from datacredit.shapley.design import METHODS, Plan, make_plan
+from datacredit.shapley.exact import exact_banzhaf, exact_shapley, is_complete
+from datacredit.shapley.kernel import kernel_shapley
+from datacredit.shapley.loo import leave_one_out
+from datacredit.shapley.permutation import permutation_shapley
+from datacredit.shapley.result import Estimate, StopReason
+from datacredit.shapley.stopping import StoppingRule
+from datacredit.shapley.table import Observations, RowLike, Table, as_row, infer_n_players
+
+Utility = Callable[[np.ndarray], Iterable[float]]
+
+
+def table_values(
+    table: Table, method: str, plan: Plan | None = None, upto: int | None = None
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Values, standard errors and number of coalitions used, from the first ``upto`` table rows.
+
+    Shapley methods use the exact formula once all 2^n coalitions are present. ``permutation``
+    needs its plan's chains; without them, or before the first antithetic pair is complete, it
+    falls back to the kernel regression over the observed rows (same target, any design).
+    ``exact`` does the same while incomplete.
+    """
+    obs = Observations.of(table, upto)
+    used = len(obs.values)
+    if method == "loo":
+        return (*leave_one_out(obs), used)
+    complete = is_complete(obs)
+    if method == "banzhaf":
+        return (*(exact_banzhaf(obs) if complete else banzhaf(obs)), used)
+    if complete:
+        return (*exact_shapley(obs), used)
+    if method == "permutation" and plan is not None and plan.chains is not None:
+        result = permutation_shapley(table, plan.chains, len(table.count) if upto is None else upto)
+        if result is not None:
+            return (*result, used)
+    return (*kernel_shapley(obs), used)
+
+
+def plan_estimate(
+    plan: Plan, table: Table, rule: StoppingRule, upto: int, n_evaluations: int, stop_reason: StopReason
+) -> Estimate:
+    """Estimate from the first ``upto`` rows of a plan's table; ``converged`` is the rule's verdict."""
+    values, stderr, used = table_values(table, plan.method, plan, upto)
+    converged = rule.met(plan.method, values, stderr)
+    return Estimate(values, stderr, n_evaluations, converged, stop_reason, plan.method, used)
+
+
+def estimate(
+    utility: Utility,
+    n_players: int,
+    budget: int,
+    method: str = "kernel",
+    seed: int = 0,
+    *,
+    tolerance: float | None = None,
+    atol: float | None = None,
+    min_evaluations: int | None = None,
+    check_every: int | None = None,
+    batch_size: int | None = None,
+) -> Estimate:
+    """Estimate contributor values by calling ``utility`` on batches of coalitions.
+
+    ``utility`` maps a (k, n) boolean array to k floats and may be noisy. At most ``budget`` rows
+    are evaluated, in the order of :func:`~datacredit.shapley.design.make_plan` (∅ and the full set
+    first). With ``tolerance`` or ``atol`` the run stops early once the largest 95% half-width is
+    below ``tolerance * (max - min value)`` or ``atol``, checked after at least ``min_evaluations``
+    (default 4n + 2) and then every ``check_every`` (default n) evaluations. Batches never cross a
+    checkpoint; ``batch_size`` (default: up to the next checkpoint) caps them further. The
+    :class:`~datacredit.planner.Planner` walks the same plan and returns the same estimate.
+    """
+    plan = make_plan(n_players, budget, method, seed)
+    rule = StoppingRule(tolerance, atol, min_evaluations, check_every)
+    table = Table(plan.sequence)
+    end = len(plan.sequence)
+    done = 0
+    for stop in [*rule.checkpoints(plan), end]:
+        step = batch_size or stop - done
+        for start in range(done, stop, step):
+            batch = plan.sequence[start : min(start + step, stop)]
+            utilities = np.asarray(list(utility(batch.copy())), dtype=float)
+            if utilities.shape != (len(batch),):
+                raise ValueError(f"utility returned {utilities.shape[0]} values for {len(batch)} coalitions")
+            for position, value in enumerate(utilities, start):
+                table.add(position, value)
+        done = stop
+        if stop < end:
+            result = plan_estimate(plan, table, rule, stop, stop, StopReason.CONVERGED)
+            if result.converged:
+                return result
+    return plan_estimate(plan, table, rule, end, end, plan.end_reason)
+
+
+def estimate_from_table(
+    rows: Iterable[RowLike],
+    n_players: int | None = None,
+    method: str = "kernel",
+    *,
+    tolerance: float | None = None,
+    atol: float | None = None,
+) -> Estimate:
+    """Re-estimate any method from stored rows (e.g. a JSONL table), averaging repeated coalitions.
+
+    No plan is needed: ``kernel``, ``banzhaf`` and ``permutation`` run the size-stratified
+    regression over whatever rows exist (``permutation`` loses its chain structure and becomes the
+    kernel regression), ``exact`` needs all 2^n rows (otherwise it also regresses), ``loo`` needs the
+    n leave-one-out rows. ``converged`` reports whether the interval criterion holds.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    rows = [as_row(r) for r in rows]
+    n = infer_n_players(rows) if n_players is None else n_players
+    table = Table.from_rows(rows, n)
+    values, stderr, used = table_values(table, method)
+    complete = used == 2**n
+    reason = StopReason.ALL_COALITIONS if complete else StopReason.BUDGET
+    met = StoppingRule(tolerance, atol).met(method, values, stderr)
+    return Estimate(values, stderr, len(rows), met, reason, method, used)

@@ -1,0 +1,62 @@
+"""Result type shared by :func:`datacredit.shapley.estimate` and the planner."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+import numpy as np
+
+#: z-value of a two-sided 95% interval; ``values ± Z95 * stderr`` is the reported interval.
+Z95 = 1.959963984540054
+
+
+class StopReason(StrEnum):
+    """Why an estimate is final (or that it is not)."""
+
+    CONVERGED = "converged"  # interval criterion met at a checkpoint before the plan ran out
+    BUDGET = "budget"  # the planned sequence, sized to the budget, is fully evaluated
+    ALL_COALITIONS = "all_coalitions"  # every one of the 2^n coalitions was evaluated
+    DESIGN_COMPLETE = "design_complete"  # the method's design finished below the budget (loo)
+    RUNNING = "running"  # interim estimate: the plan is not finished
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """Per-contributor values with uncertainty.
+
+    ``stderr`` is scaled so that ``values ± 1.96 * stderr`` is the method's 95% interval (a Student-t
+    interval on few design units is wider than the normal one; the scaling folds that in). Noise of
+    the utility is included for the sampling methods; ``exact`` and ``loo`` only see it when some
+    coalitions were evaluated more than once (zeros otherwise).
+    """
+
+    values: np.ndarray
+    stderr: np.ndarray
+    n_evaluations: int
+    converged: bool
+    stop_reason: StopReason
+    method: str
+    n_coalitions: int
+
+    @property
+    def halfwidth(self) -> np.ndarray:
+        """Half-width of the 95% interval of each value."""
+        return Z95 * self.stderr
+
+    def to_dict(self) -> dict[str, object]:
+        """JSON-serialisable form."""
+        return {
+            "method": self.method,
+            "values": _finite_or_none(self.values),
+            "stderr": _finite_or_none(self.stderr),
+            "n_evaluations": self.n_evaluations,
+            "n_coalitions": self.n_coalitions,
+            "converged": self.converged,
+            "stop_reason": str(self.stop_reason),
+        }
+
+
+def _finite_or_none(array: np.ndarray) -> list[float | None]:
+    """List form with NaN/inf as None, so the result is valid JSON."""
+    return [float(x) if np.isfinite(x) else None for x in array]

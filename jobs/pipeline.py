@@ -1,0 +1,109 @@
+"""The two workload stages end to end, on tensors (the worker adds storage and the run spec around them).
+
+prepare:   [train full model] -> prune (the EMA weights) -> fine-tune the pruned model on all data
+coalition: copy the sparsified checkpoint -> fine-tune k steps on S (EMA continued) -> DDIM -> property
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from diffusers import UNet2DModel
+
+from .prune import prune_unet
+from .sample import sample_ddim
+from .train import Checkpoint, EMAState, Progress, train_ddpm
+from .unet import build_unet, count_params
+
+
+@dataclass
+class Prepared:
+    """The sparsified checkpoint plus what prepare measured."""
+
+    sparsified: Checkpoint
+    full: Checkpoint
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def prepare_sparsified(
+    images: torch.Tensor,
+    *,
+    full: Checkpoint | UNet2DModel | None = None,
+    arch: dict[str, Any] | None = None,
+    train_steps: int = 1500,
+    train_lr: float = 1e-3,
+    batch_size: int = 128,
+    prune_ratio: float = 0.3,
+    importance: str = "magnitude",
+    finetune_steps: int = 400,
+    finetune_lr: float = 1e-3,
+    seed: int = 0,
+    progress: Progress | bool | None = None,
+) -> Prepared:
+    """Train (unless ``full`` is given) the full model, prune a copy of its EMA weights, fine-tune it.
+
+    ``arch`` goes to :func:`build_unet` (``sample_size`` and ``in_channels`` default to the images').
+    The pruned model's fine-tuning starts a fresh EMA; its step count carries into every coalition.
+    """
+    seconds: dict[str, float] = {}
+    if full is None:
+        torch.manual_seed(seed)
+        kw = {"sample_size": images.shape[-1], "in_channels": images.shape[1], **(arch or {})}
+        t0 = time.perf_counter()
+        full = train_ddpm(build_unet(**kw), images, train_steps, train_lr, batch_size, seed=seed,
+                          progress=progress, desc="train full model")
+        seconds["train"] = time.perf_counter() - t0
+    elif isinstance(full, UNet2DModel):
+        full = Checkpoint(full)
+    t0 = time.perf_counter()
+    pruned, stats = prune_unet(copy.deepcopy(full.inference_model), prune_ratio, importance, seed=seed)
+    seconds["prune"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    result = train_ddpm(pruned, images, finetune_steps, finetune_lr, batch_size, seed=seed + 1,
+                        progress=progress, desc="fine-tune pruned")
+    seconds["prune_finetune"] = time.perf_counter() - t0
+    info = {"params_full": count_params(full.model), "params_pruned": count_params(pruned),
+            "prune": stats.to_dict(), "seconds": seconds}
+    return Prepared(Checkpoint(result.model, result.ema), full, info)
+
+
+@dataclass
+class CoalitionResult:
+    utility: float
+    samples: torch.Tensor
+    seconds: dict[str, float]
+    checkpoint: Checkpoint
+
+
+def coalition_utility(
+    sparsified: Checkpoint,
+    images: torch.Tensor,
+    prop: Any,
+    *,
+    steps: int = 150,
+    lr: float = 1e-3,
+    batch_size: int = 64,
+    n_samples: int = 256,
+    ddim_steps: int = 20,
+    seed: int = 0,
+    sample_batch: int = 512,
+) -> CoalitionResult:
+    """v(S): fine-tune a copy of ``sparsified`` on S's ``images`` (no training for an empty S), sample from
+    the EMA weights (the raw ones without EMA) and score with the fitted property ``prop``."""
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
+    start = Checkpoint(copy.deepcopy(sparsified.model), sparsified.ema)
+    ema: EMAState | bool | None = start.ema if start.ema is not None else None
+    result = train_ddpm(start.model, images, steps, lr, batch_size, seed=seed, ema=ema)
+    seconds["finetune"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    samples = sample_ddim(result.inference_model, n_samples, ddim_steps, seed=seed, batch_size=sample_batch)
+    seconds["sample"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    utility = float(prop.score(samples))
+    seconds["property"] = time.perf_counter() - t0
+    return CoalitionResult(utility, samples, seconds, Checkpoint(result.model, result.ema))

@@ -1,0 +1,224 @@
+"""kopf wiring: a Job index and one reconcile timer per ValuationRun (the only writer of its status).
+
+The timer gathers (spec, storage, observed Jobs), asks `reconcile.decide` what to do, does it, and writes the
+status, Kubernetes Events and metrics. Everything it needs is rebuilt from storage and the Job index, so an
+operator restart resumes a run without repeating finished coalitions or creating a Job twice.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import threading
+import time
+from typing import Any
+
+import kopf
+import numpy as np
+from kubernetes import client
+from kubernetes.client.rest import ApiException
+
+from datacredit import layout
+from datacredit.crd import GROUP, PLURAL, VERSION
+from datacredit.runstate import open_run, planner_for
+from datacredit.spec import SpecError, ValuationRun, parse_manifest
+from datacredit.storage import StorageError
+
+from . import metrics
+from .jobs import LABEL_RUN_UID, PREPARE, JobRequest, RunRef, job_name, render_job
+from .reconcile import FAILED, RUNNING, SUCCEEDED, Plan, decide, job_view
+from .runstore import RunMemory, ensure_run_json, read_store, record_failure, write_results
+from .status import Estimate, build_status, estimate_of, failed_note, now_iso, set_condition
+
+INTERVAL_ENV = "DATACREDIT_RECONCILE_INTERVAL"
+RECONCILE_INTERVAL = float(os.environ.get(INTERVAL_ENV, "5"))
+TERMINAL = (SUCCEEDED, FAILED)
+
+log = logging.getLogger("datacredit.operator")
+_memory: dict[str, RunMemory] = {}
+_memory_lock = threading.Lock()
+
+
+def _remember(uid: str) -> RunMemory:
+    with _memory_lock:
+        return _memory.setdefault(uid, RunMemory())
+
+
+@kopf.index("batch", "v1", "jobs", labels={LABEL_RUN_UID: kopf.PRESENT})
+def jobs_by_run(body: kopf.Body, labels: kopf.Labels, **_: Any) -> dict[str, dict[str, Any]]:
+    """Index the operator's Jobs by the uid of their ValuationRun (no handlers, no annotations on Jobs)."""
+    meta = body.get("metadata", {})
+    return {labels[LABEL_RUN_UID]: {
+        "metadata": {k: meta.get(k) for k in ("name", "labels", "annotations", "creationTimestamp")},
+        "spec": {"suspend": body.get("spec", {}).get("suspend", False)},
+        "status": dict(body.get("status") or {}),
+    }}
+
+
+@kopf.timer(GROUP, VERSION, PLURAL, interval=RECONCILE_INTERVAL, initial_delay=0.5)
+def reconcile_timer(body: kopf.Body, meta: kopf.Meta, status: kopf.Status, uid: str, name: str, namespace: str,
+                    patch: kopf.Patch, jobs_by_run: kopf.Index, **_: Any) -> None:
+    """One level-based reconcile pass of a ValuationRun."""
+    started = time.monotonic()
+    memory = _remember(uid)
+    ok = True
+    try:
+        jobs = [v for v in (job_view(j) for j in jobs_by_run.get(uid, [])) if v is not None]
+        _reconcile(body, dict(meta), dict(status), uid, name, namespace, patch, jobs, memory)
+        memory.last_error = ""
+    except (StorageError, ApiException, OSError) as error:
+        ok = False
+        _report_error(body, status, patch, memory, meta.get("generation", 0), f"{type(error).__name__}: {error}")
+    except Exception as error:  # a bug must not stop the other runs; it is logged, counted and shown
+        ok = False
+        log.exception("reconcile of %s/%s failed", namespace, name)
+        _report_error(body, status, patch, memory, meta.get("generation", 0), f"{type(error).__name__}: {error}")
+    finally:
+        metrics.reconciled(ok, time.monotonic() - started)
+
+
+@kopf.on.delete(GROUP, VERSION, PLURAL, optional=True)
+def forget_run(uid: str, name: str, namespace: str, **_: Any) -> None:
+    """Drop a deleted run's metric series and cache; its Jobs go with it (ownerReferences)."""
+    metrics.forget_run(namespace, name)
+    with _memory_lock:
+        _memory.pop(uid, None)
+
+
+def _report_error(body: kopf.Body, status: kopf.Status, patch: kopf.Patch, memory: RunMemory, generation: int,
+                  message: str) -> None:
+    """Show a (probably transient) reconcile error as Ready=False and one Event per distinct message."""
+    if message != memory.last_error:
+        kopf.warn(body, reason="ReconcileError", message=message[:1000])
+        log.warning("%s: %s", body.get("metadata", {}).get("name"), message)
+    memory.last_error = message
+    conds = set_condition(list(status.get("conditions") or []), "Ready", False, "ReconcileError", message,
+                          generation, now_iso())
+    patch.status["conditions"] = conds
+
+
+def _parse(body: kopf.Body, name: str, namespace: str) -> ValuationRun:
+    return parse_manifest({"apiVersion": body.get("apiVersion"), "kind": body.get("kind"),
+                           "metadata": {"name": name, "namespace": namespace}, "spec": dict(body.get("spec", {}))},
+                          f"{namespace}/{name}")
+
+
+def _reconcile(body: kopf.Body, meta: dict[str, Any], old: dict[str, Any], uid: str, name: str, namespace: str,
+               patch: kopf.Patch, jobs: list[Any], memory: RunMemory) -> None:
+    generation = int(meta.get("generation") or 0)
+    if old.get("phase") in TERMINAL and old.get("observedGeneration") == generation:
+        metrics.observe_run(namespace, name, old, None)
+        return
+    try:
+        run = _parse(body, name, namespace)
+    except SpecError as error:
+        plan = Plan(phase=FAILED, reason="InvalidSpec", message=str(error))
+        _finish(body, patch, old, plan, None, generation, "", 0, namespace, name)
+        return
+
+    ref = open_run(run, uid)
+    results_uri = layout.join_uri(ref.uri, layout.RESULTS) + "/"
+    ensure_run_json(ref.store, run, memory)
+    view, fresh = read_store(ref.store, memory)  # after the Job snapshot: a Complete Job's result is visible
+    plan, planner = decide(run, jobs, view, lambda n: planner_for(run, n))
+    owner = RunRef(name, namespace, uid)
+
+    for failure in plan.record:
+        if record_failure(ref.store, failure.key, failure.attempt, failure.reason, failure.message, failure.job):
+            metrics.attempt(namespace, failure.reason)
+            what = "prepare" if failure.key == PREPARE else f"coalition {failure.key}"
+            kopf.warn(body, reason="AttemptFailed", message=f"{what} attempt {failure.attempt} failed "
+                      f"({failure.reason}): {failure.message}"[:1000])
+    for request in plan.create:
+        _create_job(body, run, owner, ref.uri, request, namespace)
+    for job in plan.delete:
+        _delete_job(job, namespace)
+    for cid, seconds in fresh.items():
+        metrics.completed(namespace, "succeeded", seconds)
+        log.info("%s/%s: coalition %s done", namespace, name, cid)
+    for key in plan.failed_for_good:
+        if key not in memory.failed_counted:
+            memory.failed_counted.add(key)
+            metrics.completed(namespace, "failed")
+    now = time.time()
+    for job in jobs:
+        if job.state == RUNNING and job.name not in memory.running_seen:
+            memory.running_seen.add(job.name)
+            if job.created:
+                metrics.queue_wait(now - dt.datetime.fromisoformat(job.created).timestamp())
+
+    names = [c["name"] for c in view.contributors]
+    estimate = estimate_of(planner, names) if planner is not None else None
+    if plan.done and planner is not None:
+        started = old.get("startTime")
+        wall = now - dt.datetime.fromisoformat(started).timestamp() if started else 0.0
+        try:
+            write_results(ref.store, run, planner, view.contributors, view.utilities, wall)
+            metrics.run_succeeded(namespace, name, now)
+        except (ValueError, np.linalg.LinAlgError) as error:  # e.g. v(∅) failed for good: nothing to fit
+            plan.phase, plan.reason, plan.done = FAILED, "EstimateFailed", False
+            plan.message = f"cannot estimate Shapley values: {error}; {failed_note(plan)}"
+    eta = _eta(plan, memory, run.spec.execution.parallelism)
+    _finish(body, patch, old, plan, estimate, generation, results_uri, len(view.contributors), namespace, name,
+            eta)
+
+
+def _eta(plan: Plan, memory: RunMemory, parallelism: int) -> float | None:
+    if plan.phase in TERMINAL:
+        return 0.0
+    if not memory.coalition_seconds:
+        return None
+    c = plan.counts
+    remaining = max(c.planned - c.succeeded - c.failed, 0)
+    mean = sum(memory.coalition_seconds) / len(memory.coalition_seconds)
+    return remaining * mean / max(min(parallelism, remaining), 1)
+
+
+def _finish(body: kopf.Body, patch: kopf.Patch, old: dict[str, Any], plan: Plan, estimate: Estimate | None,
+            generation: int, results_uri: str, contributors: int, namespace: str, name: str,
+            eta: float | None = None) -> None:
+    status = build_status(plan, estimate, old, generation=generation, results_uri=results_uri,
+                          contributors=contributors)
+    patch.status.update(status)
+    if old.get("phase") != plan.phase:
+        message = plan.message or f"{status['progress']} coalitions evaluated"
+        if plan.phase == FAILED:
+            kopf.warn(body, reason="Failed", message=message[:1000])
+        elif plan.phase == SUCCEEDED:
+            top = status.get("topContributor", "")
+            kopf.info(body, reason="Succeeded", message=f"{message}; top contributor {top}; {results_uri}")
+        else:
+            kopf.info(body, reason=plan.phase, message=f"phase {old.get('phase', '-')} -> {plan.phase}")
+        log.info("%s/%s: phase %s -> %s%s", namespace, name, old.get("phase", "-"), plan.phase,
+                 f": {plan.message}" if plan.message else "")
+    metrics.observe_run(namespace, name, status, eta)
+
+
+def _create_job(body: kopf.Body, run: ValuationRun, owner: RunRef, run_uri: str, request: JobRequest,
+                namespace: str) -> None:
+    manifest = render_job(run, owner, run_uri, request)
+    try:
+        client.BatchV1Api().create_namespaced_job(namespace, manifest)
+    except ApiException as error:
+        if error.status == 409:  # created by an earlier pass; the index has not caught up yet
+            return
+        raise
+    metrics.attempt(namespace, "Started")
+    if request.attempt > 1:
+        metrics.attempt(namespace, "Retried")
+    name = job_name(owner, request.key, request.attempt)
+    if request.step == PREPARE:
+        kopf.info(body, reason="PrepareStarted", message=f"Job {name} (attempt {request.attempt})")
+    elif request.attempt > 1:
+        kopf.info(body, reason="CoalitionRetried", message=f"Job {name}: coalition {request.cid} attempt "
+                  f"{request.attempt}")
+    log.info("%s: created Job %s", owner.name, name)
+
+
+def _delete_job(name: str, namespace: str) -> None:
+    try:
+        client.BatchV1Api().delete_namespaced_job(name, namespace, propagation_policy="Background")
+    except ApiException as error:
+        if error.status != 404:
+            raise

@@ -1,0 +1,201 @@
+"""Job naming and rendering (DESIGN §6): pure functions from a ValuationRun to batch/v1 Job manifests."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shlex
+from dataclasses import dataclass, field
+from typing import Any
+
+from datacredit.spec import API_VERSION, KIND, ValuationRun
+
+LABEL_RUN = "datacredit.dev/run"
+LABEL_RUN_UID = "datacredit.dev/run-uid"
+LABEL_STEP = "datacredit.dev/step"
+LABEL_COALITION = "datacredit.dev/coalition"
+LABEL_ATTEMPT = "datacredit.dev/attempt"
+ANNOTATION_MEMBERS = "datacredit.dev/members"
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+PREPARE = "prepare"
+COALITION = "coalition"
+CONTAINER = "worker"
+EXIT_BAD_INPUT = 3  # datacredit.cli.EXIT_BAD_INPUT: retrying cannot help
+WORKER_COMMAND_ENV = "DATACREDIT_WORKER_COMMAND"
+RUN_AS_USER = 10001  # the worker image's user (images/worker.Dockerfile)
+MAX_NAME = 63  # Job names become label values: at most 63 characters
+
+
+@dataclass(frozen=True)
+class JobRequest:
+    """One Job to run: the prepare step, or a coalition (its id and member indices), at an attempt."""
+
+    step: str
+    attempt: int
+    cid: str = ""
+    members: tuple[int, ...] = field(default_factory=tuple)
+
+    @property
+    def key(self) -> str:
+        """`prepare` or the coalition id: what attempts are counted per."""
+        return self.cid or PREPARE
+
+
+@dataclass(frozen=True)
+class RunRef:
+    """The run object's identity as the API server knows it."""
+
+    name: str
+    namespace: str
+    uid: str
+
+
+def job_name(run: RunRef, key: str, attempt: int) -> str:
+    """`<run>-<uid5>-<prepare|coalition id>-a<attempt>`, shortened to 63 characters and unique per run.
+
+    The same (run, key, attempt) always gives the same name, so a Job is never created twice.
+    """
+    suffix = f"-{run.uid.replace('-', '')[:5]}-{key}-a{attempt}"
+    stem = run.name[: MAX_NAME - len(suffix)].rstrip("-")
+    if len(stem) < len(run.name):  # keep truncated names of different runs apart
+        digest = hashlib.sha256(run.name.encode()).hexdigest()[:4]
+        stem = f"{stem[: MAX_NAME - len(suffix) - 5].rstrip('-')}-{digest}"
+    return f"{stem}{suffix}"
+
+
+def worker_command() -> list[str]:
+    """The command prefix of the worker container: `datacredit`, or $DATACREDIT_WORKER_COMMAND (tests)."""
+    override = os.environ.get(WORKER_COMMAND_ENV, "").strip()
+    return shlex.split(override) if override else ["datacredit"]
+
+
+def worker_args(run: ValuationRun, run_uri: str, request: JobRequest) -> list[str]:
+    """`worker prepare|coalition --run URI [--members 0,2] [--attempt K] [--endpoint E] [--region R]`."""
+    args = ["worker", request.step, "--run", run_uri]
+    if request.step == COALITION:
+        args += ["--members", ",".join(str(m) for m in request.members), "--attempt", str(request.attempt)]
+    storage = run.spec.storage
+    if storage.endpoint:
+        args += ["--endpoint", storage.endpoint]
+    if storage.region:
+        args += ["--region", storage.region]
+    return args
+
+
+def labels(run: RunRef, request: JobRequest) -> dict[str, str]:
+    """Labels of the Job and its pods; the operator's Job index selects on LABEL_RUN_UID."""
+    out = {
+        "app.kubernetes.io/name": "datacredit",
+        "app.kubernetes.io/component": "worker",
+        "app.kubernetes.io/managed-by": "datacredit-operator",
+        LABEL_RUN: run.name,
+        LABEL_RUN_UID: run.uid,
+        LABEL_STEP: request.step,
+        LABEL_ATTEMPT: str(request.attempt),
+    }
+    if request.cid:
+        out[LABEL_COALITION] = request.cid
+    return out
+
+
+def _resources(run: ValuationRun) -> dict[str, Any]:
+    r = run.spec.execution.resources
+    amounts = {"cpu": r.cpu, "memory": r.memory}
+    if r.gpu:
+        amounts["nvidia.com/gpu"] = str(r.gpu)
+    return {"requests": dict(amounts), "limits": dict(amounts)}  # requests == limits: Guaranteed, GPUs whole
+
+
+def _env(run: ValuationRun) -> list[dict[str, str]]:
+    storage = run.spec.storage
+    env = {
+        "HOME": "/tmp",
+        "XDG_CACHE_HOME": "/tmp/.cache",
+        "MPLCONFIGDIR": "/tmp/.config/matplotlib",
+        "DATACREDIT_WORK_DIR": "/tmp",
+        "AWS_REQUEST_CHECKSUM_CALCULATION": "when_required",
+        "AWS_RESPONSE_CHECKSUM_VALIDATION": "when_required",
+    }
+    if storage.endpoint:
+        env["AWS_ENDPOINT_URL_S3"] = storage.endpoint
+    if storage.region:
+        env["AWS_REGION"] = storage.region
+    return [{"name": k, "value": v} for k, v in env.items()]
+
+
+def render_job(run: ValuationRun, ref: RunRef, run_uri: str, request: JobRequest) -> dict[str, Any]:
+    """The batch/v1 Job of one worker step (prepare or a coalition attempt)."""
+    ex = run.spec.execution
+    job_labels = labels(ref, request)
+    pod_labels = dict(job_labels)
+    if ex.queue_name:
+        job_labels[KUEUE_QUEUE_LABEL] = ex.queue_name
+    container: dict[str, Any] = {
+        "name": CONTAINER,
+        "image": ex.image,
+        "command": [*worker_command(), *worker_args(run, run_uri, request)],
+        "env": _env(run),
+        "resources": _resources(run),
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True,
+            "capabilities": {"drop": ["ALL"]},
+        },
+        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+    }
+    if run.spec.storage.credentials_secret:
+        container["envFrom"] = [{"secretRef": {"name": run.spec.storage.credentials_secret}}]
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": RUN_AS_USER,
+            "runAsGroup": RUN_AS_USER,
+            "fsGroup": RUN_AS_USER,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [container],
+        "volumes": [{"name": "tmp", "emptyDir": {}}],
+    }
+    if ex.node_selector:
+        pod_spec["nodeSelector"] = dict(ex.node_selector)
+    if ex.tolerations:
+        pod_spec["tolerations"] = [dict(t) for t in ex.tolerations]
+    if ex.priority_class_name:
+        pod_spec["priorityClassName"] = ex.priority_class_name
+    if ex.service_account_name:
+        pod_spec["serviceAccountName"] = ex.service_account_name
+    annotations = {ANNOTATION_MEMBERS: ",".join(str(m) for m in request.members)} if request.cid else {}
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": job_name(ref, request.key, request.attempt),
+            "namespace": ref.namespace,
+            "labels": job_labels,
+            "annotations": annotations,
+            "ownerReferences": [{
+                "apiVersion": API_VERSION,
+                "kind": KIND,
+                "name": ref.name,
+                "uid": ref.uid,
+                "controller": True,
+                "blockOwnerDeletion": True,
+            }],
+        },
+        "spec": {
+            "suspend": bool(ex.queue_name),  # Kueue admits (unsuspends) it
+            "backoffLimit": 0,  # retries are the operator's, one Job per attempt
+            "activeDeadlineSeconds": ex.active_deadline_seconds,
+            "ttlSecondsAfterFinished": ex.ttl_seconds_after_finished,
+            "podFailurePolicy": {
+                "rules": [
+                    {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
+                    {"action": "FailJob",
+                     "onExitCodes": {"containerName": CONTAINER, "operator": "In", "values": [EXIT_BAD_INPUT]}},
+                ]
+            },
+            "template": {"metadata": {"labels": pod_labels, "annotations": annotations}, "spec": pod_spec},
+        },
+    }

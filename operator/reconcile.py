@@ -1,0 +1,269 @@
+"""The reconcile decision, as pure functions: (spec, planner, storage view, observed Jobs) -> what to do.
+
+Nothing here talks to Kubernetes or storage; `handlers` gathers the inputs and carries out the `Plan`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from datacredit.ids import coalition_id
+from datacredit.spec import ValuationRun
+
+from .jobs import ANNOTATION_MEMBERS, COALITION, LABEL_ATTEMPT, LABEL_COALITION, LABEL_STEP, PREPARE, JobRequest
+
+QUEUED, RUNNING, SUCCEEDED, FAILED = "Queued", "Running", "Succeeded", "Failed"
+BAD_INPUT, DEADLINE, POD_FAILED, NO_RESULT = "BadInput", "DeadlineExceeded", "PodFailed", "NoResult"
+ACTIVE = (QUEUED, RUNNING)
+
+
+class Planner(Protocol):
+    """What the reconcile needs of `datacredit.planner.Planner`."""
+
+    def ask(self, k: int) -> Any: ...
+    def tell(self, coalition: Any, utility: float) -> None: ...
+
+
+@dataclass(frozen=True)
+class JobView:
+    """One of the run's Jobs, reduced to what decisions need."""
+
+    name: str
+    step: str
+    key: str  # "prepare" or the coalition id
+    attempt: int
+    state: str  # Queued | Running | Succeeded | Failed
+    reason: str = ""  # for Failed: BadInput | DeadlineExceeded | PodFailed
+    message: str = ""
+    created: str = ""
+    members: str = ""
+
+
+def _failure_reason(reason: str) -> str:
+    return {"PodFailurePolicy": BAD_INPUT, "DeadlineExceeded": DEADLINE}.get(reason, POD_FAILED)
+
+
+def job_state(job: Mapping[str, Any]) -> tuple[str, str, str]:
+    """(state, failure reason, message) of a batch/v1 Job; a Job suspended (again) by Kueue is Queued."""
+    status = job.get("status") or {}
+    true = {c.get("type"): c for c in status.get("conditions") or [] if c.get("status") == "True"}
+    if "Complete" in true or "SuccessCriteriaMet" in true:
+        return SUCCEEDED, "", ""
+    failed = true.get("Failed") or true.get("FailureTarget")
+    if failed is not None:
+        return FAILED, _failure_reason(failed.get("reason", "")), failed.get("message", "")
+    if (job.get("spec") or {}).get("suspend"):
+        return QUEUED, "", ""
+    running = status.get("ready") if "ready" in status else status.get("active")
+    return (RUNNING if running else QUEUED), "", ""
+
+
+def job_view(job: Mapping[str, Any]) -> JobView | None:
+    """A JobView of one of our Jobs (None for a Job without our labels)."""
+    meta = job.get("metadata") or {}
+    lab = meta.get("labels") or {}
+    step = lab.get(LABEL_STEP)
+    if step not in (PREPARE, COALITION):
+        return None
+    try:
+        attempt = int(lab.get(LABEL_ATTEMPT, "1"))
+    except ValueError:
+        return None
+    state, reason, message = job_state(job)
+    key = PREPARE if step == PREPARE else lab.get(LABEL_COALITION, "")
+    return JobView(meta.get("name", ""), step, key, attempt, state, reason, message,
+                   meta.get("creationTimestamp", ""), (meta.get("annotations") or {}).get(ANNOTATION_MEMBERS, ""))
+
+
+@dataclass
+class StoreView:
+    """What storage says about the run."""
+
+    prepared: bool = False
+    contributors: list[dict[str, Any]] = field(default_factory=list)
+    utilities: dict[str, float] = field(default_factory=dict)  # coalition id -> utility
+    failures: dict[str, dict[int, str]] = field(default_factory=dict)  # key -> {attempt: reason}
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A failed attempt the operator has not recorded in storage yet."""
+
+    key: str
+    attempt: int
+    reason: str
+    message: str
+    job: str
+
+
+@dataclass
+class Counts:
+    """Coalition counts for the status and metrics."""
+
+    planned: int = 0
+    succeeded: int = 0
+    running: int = 0
+    queued: int = 0
+    failed: int = 0
+    failed_attempts: int = 0
+
+
+@dataclass
+class Plan:
+    """The outcome of one reconcile: the phase and what to change."""
+
+    phase: str
+    create: list[JobRequest] = field(default_factory=list)
+    delete: list[str] = field(default_factory=list)
+    record: list[Failure] = field(default_factory=list)
+    counts: Counts = field(default_factory=Counts)
+    failed_for_good: list[str] = field(default_factory=list)  # keys, in planner order
+    failure_messages: dict[str, str] = field(default_factory=dict)  # key -> last failure
+    reason: str = ""
+    message: str = ""
+    done: bool = False  # every coalition the planner wants is evaluated (or failed for good)
+
+
+@dataclass
+class _Attempts:
+    """Attempts of one key (prepare or a coalition), from Jobs and failure markers."""
+
+    latest: int = 0
+    active: JobView | None = None
+    failed: dict[int, tuple[str, str]] = field(default_factory=dict)  # attempt -> (reason, message)
+
+
+def _attempts(jobs: Iterable[JobView], store: StoreView, results: set[str]) -> tuple[dict[str, _Attempts],
+                                                                                     list[Failure]]:
+    per: dict[str, _Attempts] = {}
+    for key, marks in store.failures.items():
+        a = per.setdefault(key, _Attempts())
+        for attempt, reason in marks.items():
+            a.failed[attempt] = (reason, "")
+            a.latest = max(a.latest, attempt)
+    new: list[Failure] = []
+    for job in jobs:
+        a = per.setdefault(job.key, _Attempts())
+        a.latest = max(a.latest, job.attempt)
+        if job.state in ACTIVE:
+            a.active = job
+        done_ok = job.key in results or (job.key == PREPARE and store.prepared)
+        if job.state == SUCCEEDED and not done_ok:
+            job = JobView(job.name, job.step, job.key, job.attempt, FAILED, NO_RESULT,
+                          "the Job completed but wrote no result.json", job.created, job.members)
+        if job.state == FAILED and not done_ok:
+            recorded = job.attempt in store.failures.get(job.key, {})
+            a.failed[job.attempt] = (a.failed.get(job.attempt, (job.reason, ""))[0], job.message)
+            if not recorded:
+                new.append(Failure(job.key, job.attempt, job.reason, job.message, job.name))
+    return per, new
+
+
+def _next_step(a: _Attempts | None, max_attempts: int) -> tuple[str, int]:
+    """("active"|"start"|"failed", attempt) for a key that has no result yet."""
+    if a is None or a.latest == 0:
+        return "start", 1
+    if a.active is not None and a.active.attempt == a.latest:
+        return "active", a.latest
+    if a.latest in a.failed:
+        reason = a.failed[a.latest][0]
+        if reason == BAD_INPUT or a.latest >= max_attempts:
+            return "failed", a.latest
+        return "start", a.latest + 1
+    return "start", a.latest  # the Job of the latest attempt is gone without a verdict: recreate it
+
+
+def _describe(key: str, a: _Attempts | None, names: str | None = None) -> str:
+    """`prepare` or `coalition <id> {members}`, with how often and why it failed."""
+    who = key if names is None else f"coalition {key} {{{names}}}"
+    if a is None or not a.failed:
+        return who
+    reason, message = a.failed[max(a.failed)]
+    return f"{who} failed {len(a.failed)} time(s), last: {reason}{': ' + message if message else ''}"
+
+
+def decide(
+    run: ValuationRun,
+    jobs: list[JobView],
+    store: StoreView,
+    planner_factory: Callable[[int], Planner],
+) -> tuple[Plan, Planner | None]:
+    """Desired state: which Jobs to start or stop, which failures to record, and the run's phase.
+
+    Walks the planner's sequence exactly as the local executor does: finished coalitions are told in
+    sequence order, at most `parallelism` coalitions are in flight, failed ones are retried up to
+    `maxAttemptsPerCoalition` times, and the run ends when the planner asks for nothing more.
+    """
+    ex = run.spec.execution
+    suspended = run.spec.suspend
+    per, new_failures = _attempts(jobs, store, set(store.utilities))
+    plan = Plan(phase="Pending", record=new_failures)
+    plan.counts.failed_attempts = sum(len(a.failed) for k, a in per.items() if k != PREPARE)
+
+    if not store.prepared:
+        step, attempt = _next_step(per.get(PREPARE), ex.max_attempts_per_coalition)
+        if step == "failed":
+            plan.phase, plan.reason = FAILED, "PrepareFailed"
+            plan.message = f"the prepare step failed for good: {_describe(PREPARE, per.get(PREPARE))}"
+            plan.failed_for_good = [PREPARE]
+        elif suspended:
+            plan.phase = "Suspended"
+        else:
+            plan.phase = "Preparing"
+            if step == "start":
+                plan.create.append(JobRequest(PREPARE, attempt))
+        return plan, None
+
+    contributors = store.contributors
+    ids = [c["id"] for c in contributors]
+    names = [c["name"] for c in contributors]
+    planner = planner_factory(len(ids))
+    plan.counts.planned = len(getattr(planner, "sequence", ())) or run.spec.estimator.budget
+    in_flight = 0
+    exhausted = False
+    while in_flight < ex.parallelism:
+        batch = planner.ask(1)
+        if len(batch) == 0:
+            exhausted = True
+            break
+        coal = np.asarray(batch[0], dtype=bool)
+        members = tuple(int(i) for i in np.flatnonzero(coal))
+        cid = coalition_id([ids[i] for i in members], run.config_hash())
+        if cid in store.utilities:
+            planner.tell(coal, store.utilities[cid])
+            continue
+        step, attempt = _next_step(per.get(cid), ex.max_attempts_per_coalition)
+        if step == "failed":
+            plan.failed_for_good.append(cid)
+            plan.failure_messages[cid] = _describe(cid, per.get(cid), ", ".join(names[i] for i in members))
+            continue
+        in_flight += 1
+        if step == "start" and not suspended:
+            plan.create.append(JobRequest(COALITION, attempt, cid, members))
+
+    # a Job whose coalition has its result already (a pod slow to exit) does not hold the run
+    active = [j for j in jobs if j.step == COALITION and j.state in ACTIVE and j.key not in store.utilities]
+    plan.counts.succeeded = len(store.utilities)
+    plan.counts.running = sum(j.state == RUNNING for j in active)
+    plan.counts.queued = sum(j.state == QUEUED for j in active) + len(plan.create)
+    plan.counts.failed = len(plan.failed_for_good)
+
+    if len(plan.failed_for_good) > ex.max_failed_coalitions:
+        plan.phase, plan.reason = FAILED, "CoalitionsFailed"
+        listed = "; ".join(plan.failure_messages[c] for c in plan.failed_for_good[:5])
+        more = f" (and {len(plan.failed_for_good) - 5} more)" if len(plan.failed_for_good) > 5 else ""
+        plan.message = (f"{len(plan.failed_for_good)} coalition(s) failed after up to "
+                        f"{ex.max_attempts_per_coalition} attempt(s), more than execution.maxFailedCoalitions="
+                        f"{ex.max_failed_coalitions}: {listed}{more}")
+        plan.create = []
+        plan.delete = [j.name for j in active]
+        return plan, planner
+    if exhausted and not active and not plan.create:
+        plan.phase, plan.done = SUCCEEDED, True
+        return plan, planner
+    plan.phase = "Suspended" if suspended else "Evaluating"
+    return plan, planner

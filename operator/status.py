@@ -1,0 +1,129 @@
+"""The bounded ValuationRun status (counts, estimate summary, top 10, conditions), as pure functions."""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from datacredit.crd import TOP_N
+
+from .reconcile import FAILED, SUCCEEDED, Plan
+
+
+def now_iso() -> str:
+    """The current UTC time as Kubernetes writes it."""
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """The planner's current estimate, by contributor."""
+
+    names: list[str]
+    values: list[float]
+    stderr: list[float]
+    evaluations: int
+    converged: bool
+    stop_reason: str
+
+    @property
+    def max_stderr(self) -> float:
+        finite = [s for s in self.stderr if math.isfinite(s)]
+        return max(finite) if finite else float("nan")
+
+    def top(self, k: int = TOP_N) -> list[dict[str, Any]]:
+        """The k highest values, best first (ties keep contributor order)."""
+        order = np.argsort(-np.asarray(self.values), kind="stable")[:k]
+        return [{"contributor": self.names[i], "value": _num(self.values[i]), "stderr": _num(self.stderr[i])}
+                for i in order]
+
+
+def _num(x: float) -> float:
+    """JSON-safe float (NaN and infinities are not valid in a Kubernetes object)."""
+    return round(float(x), 8) if math.isfinite(x) else 0.0
+
+
+def estimate_of(planner: Any, names: list[str]) -> Estimate | None:
+    """The planner's estimate, or None while it has too few evaluations."""
+    try:
+        est = planner.estimate()
+    except (ValueError, np.linalg.LinAlgError):  # too few evaluations for this estimator yet
+        return None
+    return Estimate(names, [float(v) for v in est.values], [float(s) for s in est.stderr],
+                    int(est.n_evaluations), bool(est.converged), str(est.stop_reason))
+
+
+def set_condition(conditions: list[dict[str, Any]], type_: str, status: bool, reason: str, message: str,
+                  generation: int, now: str) -> list[dict[str, Any]]:
+    """Conditions with `type_` set; lastTransitionTime only moves when the status flips."""
+    value = "True" if status else "False"
+    old = next((c for c in conditions if c.get("type") == type_), None)
+    since = old["lastTransitionTime"] if old and old.get("status") == value and old.get("lastTransitionTime") else now
+    new = {"type": type_, "status": value, "reason": reason, "message": message[:4000],
+           "lastTransitionTime": since, "observedGeneration": generation}
+    return [c for c in conditions if c.get("type") != type_] + [new]
+
+
+def build_status(plan: Plan, estimate: Estimate | None, old: dict[str, Any], *, generation: int,
+                 results_uri: str, contributors: int, now: str | None = None) -> dict[str, Any]:
+    """The whole status from a Plan, the estimate and the previous status (for transition times)."""
+    now = now or now_iso()
+    c = plan.counts
+    status: dict[str, Any] = {
+        "phase": plan.phase,
+        "observedGeneration": generation,
+        "startTime": old.get("startTime") or now,
+        "contributors": contributors,
+        "progress": f"{c.succeeded}/{c.planned}",
+        "coalitions": {"planned": c.planned, "succeeded": c.succeeded, "running": c.running, "queued": c.queued,
+                       "failed": c.failed, "failedAttempts": c.failed_attempts},
+        "results": results_uri,
+    }
+    if plan.phase in (SUCCEEDED, FAILED):
+        status["completionTime"] = old.get("completionTime") or now
+    if estimate is not None:
+        status["estimate"] = {"evaluations": estimate.evaluations, "maxStderr": _num(estimate.max_stderr),
+                              "converged": estimate.converged, "stopReason": estimate.stop_reason}
+        status["top"] = estimate.top()
+        status["topContributor"] = status["top"][0]["contributor"] if status["top"] else ""
+
+    conds = list(old.get("conditions") or [])
+    prepared = contributors > 0
+    if prepared:
+        conds = set_condition(conds, "Prepared", True, "PrepareSucceeded",
+                              f"{contributors} contributors; sparsified model ready", generation, now)
+    elif plan.reason == "PrepareFailed":
+        conds = set_condition(conds, "Prepared", False, "PrepareFailed", plan.message, generation, now)
+    else:
+        conds = set_condition(conds, "Prepared", False, plan.phase, "the prepare Job has not finished",
+                              generation, now)
+    if estimate is not None:
+        conds = set_condition(conds, "Converged", estimate.converged, "Converged" if estimate.converged else
+                              "NotConverged", f"{estimate.stop_reason} (max stderr {estimate.max_stderr:.4g}, "
+                              f"{estimate.evaluations} evaluations)", generation, now)
+    if plan.phase == FAILED:
+        conds = set_condition(conds, "Failed", True, plan.reason, plan.message, generation, now)
+        conds = set_condition(conds, "Ready", False, plan.reason, plan.message, generation, now)
+    else:
+        conds = set_condition(conds, "Failed", False, "NoFailure", failed_note(plan), generation, now)
+        if plan.phase == SUCCEEDED:
+            conds = set_condition(conds, "Ready", True, "Succeeded",
+                                  f"Shapley values of {contributors} contributors in {results_uri}", generation,
+                                  now)
+        else:
+            conds = set_condition(conds, "Ready", False, plan.phase, f"{status['progress']} coalitions evaluated",
+                                  generation, now)
+    status["conditions"] = conds
+    return status
+
+
+def failed_note(plan: Plan) -> str:
+    """Which coalitions failed for good (they are left out of the estimate)."""
+    if not plan.failed_for_good:
+        return ""
+    return (f"{len(plan.failed_for_good)} coalition(s) failed for good (tolerated): "
+            + "; ".join(plan.failure_messages.get(k, k) for k in plan.failed_for_good[:3]))

@@ -1,0 +1,454 @@
+"""The operator end to end on a real control plane: apply -> Jobs -> pods (local processes) -> S3 -> status.
+
+etcd + kube-apiserver + kube-controller-manager (the Job controller and the garbage collector are real),
+MinIO for run storage, the fake GPU node agent running each pod's `datacredit worker ...` command, and the
+operator itself as a subprocess (`datacredit operator`), so it can be killed and restarted.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import signal
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+from kubernetes import client
+from kubernetes.client.rest import ApiException
+
+from datacredit import layout
+from datacredit.crd import GROUP, NAME, PLURAL, VERSION
+from datacredit.runstate import run_uri
+from datacredit.spec import parse_manifest
+from datacredit.storage import S3Options, S3Storage, read_json
+from tests.infra.controlplane import ControlPlane
+from tests.infra.nodeagent import NodeAgent
+from tests.infra.process import ManagedProcess, free_port, wait_until
+from tests.infra.s3server import S3Server
+from tests.tiny import CONTRIBUTORS, TinyData, tiny_manifest
+
+pytestmark = pytest.mark.controlplane
+
+NS = "vrun-e2e"
+BUCKET = "datacredit-e2e"
+ROOT = Path(__file__).resolve().parents[1]
+CRD_FILE = ROOT / "crds" / "valuationruns.datacredit.dev.yaml"
+RUN_TIMEOUT_S = 420.0
+FAULTS_ENV = "DATACREDIT_TEST_FAULTS"
+
+
+class Operator:
+    """`datacredit operator` as a child process against the test control plane."""
+
+    def __init__(self, plane: ControlPlane, s3: S3Server, log_dir: Path) -> None:
+        self.env = {
+            **os.environ,
+            **s3.env(),
+            "KUBECONFIG": str(plane.kubeconfig),
+            "DATACREDIT_RECONCILE_INTERVAL": "1",
+            "PYTHONUNBUFFERED": "1",
+        }
+        self.log_dir = log_dir
+        self.metrics_port = free_port()
+        self.process: ManagedProcess | None = None
+        self.starts = 0
+
+    def start(self) -> None:
+        self.starts += 1
+        argv = [str(Path(sys.executable).parent / "datacredit"), "operator", "--namespace", NS,
+                "--metrics-port", str(self.metrics_port), "--liveness-port", str(free_port())]
+        self.process = ManagedProcess("operator", argv, self.log_dir / f"operator-{self.starts}.log", env=self.env)
+        wait_until(lambda: b"datacredit_build_info" in self.metrics(), "operator metrics endpoint", 60,
+                   process=self.process)
+
+    def kill(self) -> None:
+        """SIGKILL: a crash, not a graceful stop (no finalizer or status clean-up happens)."""
+        assert self.process is not None
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.stop(grace=1)
+        self.process = None
+
+    def metrics(self) -> bytes:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as r:
+            return bytes(r.read())
+
+    def log(self) -> str:
+        return self.process.log_tail(20000) if self.process else ""
+
+
+@pytest.fixture(scope="module")
+def api(control_plane: ControlPlane) -> Iterator[client.ApiClient]:
+    """An admin client, the test namespace and the CRD (Established)."""
+    control_plane.ensure_namespace(NS)
+    with control_plane.api_client() as api_client:
+        ext = client.ApiextensionsV1Api(api_client)
+        try:
+            ext.create_custom_resource_definition(yaml.safe_load(CRD_FILE.read_text()))
+        except ApiException as error:
+            if error.status != 409:
+                raise
+
+        def established() -> bool:
+            conds = ext.read_custom_resource_definition(NAME).status.conditions or []
+            return any(c.type == "Established" and c.status == "True" for c in conds)
+
+        wait_until(established, "CRD Established", 60)
+        yield api_client
+
+
+@pytest.fixture(scope="module")
+def s3_env(s3_server: S3Server, api: client.ApiClient) -> Iterator[dict[str, str]]:
+    """The bucket, and the Secret the Jobs take their S3 keys from."""
+    s3_server.make_bucket(BUCKET)
+    secret = {"metadata": {"name": "s3-creds"},
+              "stringData": {"AWS_ACCESS_KEY_ID": s3_server.access_key,
+                             "AWS_SECRET_ACCESS_KEY": s3_server.secret_key}}
+    try:
+        client.CoreV1Api(api).create_namespaced_secret(NS, secret)
+    except ApiException as error:
+        if error.status != 409:
+            raise
+    yield s3_server.env()
+
+
+@pytest.fixture(scope="module")
+def agent(node_agent: NodeAgent) -> Iterator[NodeAgent]:
+    """The node agent with one torch thread per pod (2 pods share 2 cores), restored afterwards."""
+    saved = dict(node_agent.extra_env), dict(node_agent.executables)
+    node_agent.extra_env.update({"OMP_NUM_THREADS": "1", "DATACREDIT_THREADS": "1"})
+    yield node_agent
+    node_agent.extra_env.clear()
+    node_agent.extra_env.update(saved[0])
+    node_agent.executables.clear()
+    node_agent.executables.update(saved[1])
+
+
+@pytest.fixture(scope="module")
+def operator(control_plane: ControlPlane, s3_server: S3Server, s3_env: dict[str, str], agent: NodeAgent,
+             tmp_path_factory: pytest.TempPathFactory) -> Iterator[Operator]:
+    op = Operator(control_plane, s3_server, tmp_path_factory.mktemp("operator"))
+    op.start()
+    yield op
+    if op.process is not None:
+        op.process.stop()
+
+
+@pytest.fixture()
+def faults(agent: NodeAgent, tmp_path: Path) -> Iterator[dict[tuple[str, str], str]]:
+    """Route pods' `datacredit` through a wrapper that fails `worker coalition` of chosen runs on demand.
+
+    Set `faults[(run name, "0,2")] = "N"` (fail attempts 1..N of that coalition) or `"always"`.
+    """
+    real = str(Path(sys.executable).parent / "datacredit")
+    wrapper = tmp_path / "datacredit-faulty"
+    wrapper.write_text(f"""#!{sys.executable}
+import os, sys
+args = sys.argv[1:]
+if args[:2] == ["worker", "coalition"]:
+    uri, members = args[args.index("--run") + 1], args[args.index("--members") + 1]
+    attempt = int(args[args.index("--attempt") + 1])
+    for rule in filter(None, os.environ.get("{FAULTS_ENV}", "").split(";")):
+        run, who, times = rule.split("|")
+        if f"/{{run}}-" in uri and who == members and (times == "always" or attempt <= int(times)):
+            print(f"injected failure: {{run}} members {{members}} attempt {{attempt}}", file=sys.stderr)
+            sys.exit(1)
+os.execv({real!r}, [{real!r}, *args])
+""")
+    wrapper.chmod(0o755)
+    agent.executables["datacredit"] = str(wrapper)
+
+    class Rules(dict):  # type: ignore[type-arg]
+        def __setitem__(self, key: tuple[str, str], value: str) -> None:
+            super().__setitem__(key, value)
+            agent.extra_env[FAULTS_ENV] = ";".join(f"{r}|{m}|{t}" for (r, m), t in self.items())
+
+    yield Rules()
+    agent.executables.pop("datacredit", None)
+    agent.extra_env.pop(FAULTS_ENV, None)
+
+
+def _manifest(tiny: TinyData, s3: S3Server, name: str, estimator: str = "kernel", budget: int = 8,
+              **execution: Any) -> dict[str, Any]:
+    storage = {"uri": f"s3://{BUCKET}/runs", "endpoint": s3.endpoint, "region": s3.region,
+               "credentialsSecret": "s3-creds"}
+    doc = tiny_manifest(name, str(tiny.images), str(tiny.reference), storage, estimator=estimator, budget=budget)
+    doc["metadata"]["namespace"] = NS
+    doc["spec"]["execution"].update(execution)
+    return doc
+
+
+def _custom(api: client.ApiClient) -> client.CustomObjectsApi:
+    return client.CustomObjectsApi(api)
+
+
+def _create(api: client.ApiClient, doc: dict[str, Any]) -> dict[str, Any]:
+    return _custom(api).create_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, doc, field_validation="Strict")
+
+
+def _get(api: client.ApiClient, name: str) -> dict[str, Any]:
+    return _custom(api).get_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, name)
+
+
+def _wait_phase(api: client.ApiClient, name: str, phases: tuple[str, ...], op: Operator,
+                timeout: float = RUN_TIMEOUT_S) -> dict[str, Any]:
+    def reached() -> bool:
+        return (_get(api, name).get("status") or {}).get("phase") in phases
+
+    try:
+        wait_until(reached, f"{name} phase in {phases}", timeout, interval=1.0,
+                   process=op.process)
+    except TimeoutError as error:
+        raise AssertionError(f"{error}\nstatus: {_get(api, name).get('status')}\noperator log:\n{op.log()}") from None
+    return _get(api, name)
+
+
+def _jobs(api: client.ApiClient, uid: str) -> list[Any]:
+    return client.BatchV1Api(api).list_namespaced_job(NS, label_selector=f"datacredit.dev/run-uid={uid}").items
+
+
+def _store(run: dict[str, Any], s3: S3Server) -> S3Storage:
+    spec = {k: v for k, v in run["spec"].items()}
+    vr = parse_manifest({"apiVersion": run["apiVersion"], "kind": run["kind"],
+                         "metadata": {"name": run["metadata"]["name"], "namespace": NS}, "spec": spec})
+    uri = run_uri(vr, uid=run["metadata"]["uid"])
+    return S3Storage(uri, S3Options(endpoint=s3.endpoint, region=s3.region), client=s3.client())
+
+
+def _values(doc: dict[str, Any]) -> dict[str, float]:
+    return {r["name"]: r["value"] for r in doc["contributors"]}
+
+
+def _delete(api: client.ApiClient, name: str) -> None:
+    try:
+        _custom(api).delete_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, name)
+    except ApiException as error:
+        if error.status != 404:
+            raise
+
+
+# ---------------------------------------------------------------- (1) values, (6) columns, (5) deletion
+
+
+def test_run_succeeds_with_local_values_columns_and_cleanup(
+    api: client.ApiClient, operator: Operator, s3_server: S3Server, tiny_data: TinyData,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    doc = _manifest(tiny_data, s3_server, "tiny-exact", estimator="exact", budget=16)
+    started = time.monotonic()
+    _create(api, doc)
+    run = _wait_phase(api, "tiny-exact", ("Succeeded", "Failed"), operator)
+    elapsed = time.monotonic() - started
+    status = run["status"]
+    assert status["phase"] == "Succeeded", status
+    print(f"\n[e2e] exact run, 16 coalitions: Succeeded in {elapsed:.1f}s")
+
+    assert status["progress"] == "16/16" and status["coalitions"]["succeeded"] == 16
+    assert {t["contributor"] for t in status["top"]} == set(CONTRIBUTORS)
+    conds = {c["type"]: c for c in status["conditions"]}
+    assert conds["Ready"]["status"] == "True" and conds["Prepared"]["status"] == "True"
+    assert status["startTime"] and status["completionTime"] and status["observedGeneration"] == 1
+
+    store = _store(run, s3_server)
+    assert status["results"].startswith(store.uri)
+    shapley = read_json(store, "results/shapley.json")
+    assert set(_values(shapley)) == set(CONTRIBUTORS) and shapley["evaluations"] == 16
+    assert store.exists("results/shapley.csv")
+    assert len(store.read_bytes(layout.UTILITIES).decode().splitlines()) == 16
+    by_status = {t["contributor"]: t["value"] for t in status["top"]}
+    for name, value in _values(shapley).items():
+        assert by_status[name] == pytest.approx(value, abs=1e-7)
+
+    # the same manifest, run by the local executor, gives the same values
+    from datacredit.local import execute
+
+    for key, value in s3_server.env().items():
+        monkeypatch.setenv(key, value)
+    local_started = time.monotonic()
+    local = execute(parse_manifest(doc), workers=2).results
+    print(f"[e2e] local executor, same manifest: {time.monotonic() - local_started:.1f}s")
+    names = sorted(CONTRIBUTORS)
+    np.testing.assert_allclose([_values(shapley)[n] for n in names], [_values(local)[n] for n in names],
+                               rtol=1e-5, atol=1e-6)
+
+    # (6) printer columns, as `kubectl get valuationruns` shows them (the API's Table form)
+    response = api.call_api(f"/apis/{GROUP}/{VERSION}/namespaces/{NS}/{PLURAL}", "GET",
+                            header_params={"Accept": "application/json;as=Table;v=v1;g=meta.k8s.io"},
+                            auth_settings=["BearerToken"], _preload_content=False)
+    table = json.loads(response[0].data)
+    columns = [c["name"] for c in table["columnDefinitions"]]
+    assert columns[:4] == ["Name", "Phase", "Progress", "Top"] and "Age" in columns
+    row = next(r["cells"] for r in table["rows"] if r["cells"][0] == "tiny-exact")
+    assert row[1:4] == ["Succeeded", "16/16", status["topContributor"]]
+
+    # the operator's metrics for this run
+    text = operator.metrics().decode()
+    assert 'datacredit_run_progress_ratio{name="tiny-exact",namespace="vrun-e2e"} 1.0' in text
+    assert 'datacredit_coalitions{name="tiny-exact",namespace="vrun-e2e",phase="Succeeded"} 16.0' in text
+
+    # (5) deleting the run deletes its Jobs (ownerReferences + the garbage collector) and its series
+    uid = run["metadata"]["uid"]
+    assert len(_jobs(api, uid)) == 17  # prepare + 16 coalitions, none twice
+    _delete(api, "tiny-exact")
+    wait_until(lambda: not _jobs(api, uid), "garbage collection of the run's Jobs", 120)
+    wait_until(lambda: b'name="tiny-exact"' not in operator.metrics(), "metric series removed", 30)
+
+
+# ---------------------------------------------------------------- (2) operator restart
+
+
+def test_operator_restart_resumes_without_repeating_work(
+    api: client.ApiClient, operator: Operator, s3_server: S3Server, tiny_data: TinyData
+) -> None:
+    _create(api, _manifest(tiny_data, s3_server, "tiny-restart", budget=6))
+
+    def some_done() -> bool:
+        return ((_get(api, "tiny-restart").get("status") or {}).get("coalitions") or {}).get("succeeded", 0) >= 2
+
+    wait_until(some_done, "2 coalitions of tiny-restart", RUN_TIMEOUT_S, interval=1.0, process=operator.process)
+    operator.kill()
+    time.sleep(8)  # Jobs keep running and finishing while no operator watches
+    operator.start()
+    run = _wait_phase(api, "tiny-restart", ("Succeeded", "Failed"), operator)
+    assert run["status"]["phase"] == "Succeeded", run["status"]
+
+    store = _store(run, s3_server)
+    keys = store.list("coalitions")
+    results = [k for k in keys if k.endswith("/result.json")]
+    attempts = {k.rsplit("/", 1)[0] for k in keys if "/attempt-" in k}
+    assert len(results) == run["status"]["coalitions"]["succeeded"]
+    assert len(attempts) == len(results), "a coalition was evaluated more than once"
+    jobs = _jobs(api, run["metadata"]["uid"])
+    per_coalition = [j.metadata.labels.get("datacredit.dev/coalition", "prepare") for j in jobs]
+    assert len(per_coalition) == len(set(per_coalition)), "a Job was duplicated"
+    _delete(api, "tiny-restart")
+
+
+# ---------------------------------------------------------------- (3) retries and failure
+
+
+def test_failed_pod_is_retried_and_persistent_failure_fails_the_run(
+    api: client.ApiClient, operator: Operator, s3_server: S3Server, tiny_data: TinyData,
+    faults: dict[tuple[str, str], str],
+) -> None:
+    faults[("tiny-retry", "0")] = "1"  # {ann} fails its first attempt, then succeeds
+    faults[("tiny-retry", "2")] = "always"  # {cy} never succeeds: tolerated (maxFailedCoalitions=3)
+    faults[("tiny-doomed", "0,1,2,3")] = "always"  # the full coalition never succeeds: not tolerated
+    _create(api, _manifest(tiny_data, s3_server, "tiny-retry", budget=8, maxAttemptsPerCoalition=2))
+    _create(api, _manifest(tiny_data, s3_server, "tiny-doomed", budget=6, maxAttemptsPerCoalition=2,
+                           maxFailedCoalitions=0))
+
+    run = _wait_phase(api, "tiny-retry", ("Succeeded", "Failed"), operator)
+    status = run["status"]
+    assert status["phase"] == "Succeeded", status
+    assert status["coalitions"]["failed"] == 1 and status["coalitions"]["failedAttempts"] == 3
+    assert "{cy}" in {c["type"]: c for c in status["conditions"]}["Failed"]["message"]
+    jobs = {j.metadata.name: j for j in _jobs(api, run["metadata"]["uid"])}
+    ann = [j for j in jobs.values() if (j.metadata.annotations or {}).get("datacredit.dev/members") == "0"]
+    assert sorted(j.metadata.labels["datacredit.dev/attempt"] for j in ann) == ["1", "2"]
+    store = _store(run, s3_server)
+    cid = ann[0].metadata.labels["datacredit.dev/coalition"]
+    assert store.exists(f"coalitions/{cid}/attempt-1/failed.json")
+    assert store.exists(f"coalitions/{cid}/result.json")
+    events = client.CoreV1Api(api).list_namespaced_event(
+        NS, field_selector=f"involvedObject.name=tiny-retry,involvedObject.uid={run['metadata']['uid']}").items
+    assert any(e.reason == "AttemptFailed" for e in events)
+
+    doomed = _wait_phase(api, "tiny-doomed", ("Succeeded", "Failed"), operator)
+    status = doomed["status"]
+    assert status["phase"] == "Failed"
+    failed = {c["type"]: c for c in status["conditions"]}["Failed"]
+    assert failed["status"] == "True" and failed["reason"] == "CoalitionsFailed"
+    assert "{ann, bob, cy, noise}" in failed["message"] and "2 time(s)" in failed["message"]
+    assert not [j for j in _jobs(api, doomed["metadata"]["uid"]) if not (j.status.succeeded or j.status.failed)]
+    _delete(api, "tiny-retry")
+    _delete(api, "tiny-doomed")
+
+
+# ---------------------------------------------------------------- (4) admission
+
+
+GOOD = {
+    "apiVersion": f"{GROUP}/{VERSION}",
+    "kind": "ValuationRun",
+    "metadata": {"name": "bad"},
+    "spec": {"dataset": {"images": "s3://b/data/"}, "storage": {"uri": "s3://b/runs"}},
+}
+INVALID = [
+    ("spec.dataset", None, "spec.dataset"),
+    ("spec.storage", None, "spec.storage"),
+    ("spec.dataset.images", "", "spec.dataset.images"),
+    ("spec.dataset.contributors", {"by": "artist"}, "spec.dataset.contributors.by"),
+    ("spec.dataset.contributors", {"by": "manifest"}, "spec.dataset.contributors.manifest"),
+    ("spec.dataset.channels", 2, "spec.dataset.channels"),
+    ("spec.model", {"family": "gan"}, "spec.model.family"),
+    ("spec.model", {"architecture": {"blockOutChannels": []}}, "spec.model.architecture.blockOutChannels"),
+    ("spec.model", {"architecture": {"blockOutChannels": [12]}}, "spec.model.architecture.blockOutChannels"),
+    ("spec.method", {"prune": {"ratio": 1.5}}, "spec.method.prune.ratio"),
+    ("spec.method", {"prune": {"ratio": 0}}, "spec.method.prune.ratio"),
+    ("spec.method", {"finetune": {"steps": 0}}, "spec.method.finetune.steps"),
+    ("spec.method", {"finetune": {"learningRate": -1}}, "spec.method.finetune.learningRate"),
+    ("spec.estimator", {"budget": 1}, "spec.estimator.budget"),
+    ("spec.estimator", {"name": "tmc"}, "spec.estimator.name"),
+    ("spec.estimator", {"name": "exact", "budget": 3}, "spec.estimator.budget"),
+    ("spec.estimator", {"bugdet": 10}, "spec.estimator.bugdet"),
+    ("spec.execution", {"parallelism": 0}, "spec.execution.parallelism"),
+    ("spec.execution", {"resources": {"memory": "lots"}}, "spec.execution.resources.memory"),
+    ("spec.execution", {"queueName": "Bad_Queue"}, "spec.execution.queueName"),
+    ("spec.storage", {"uri": "gs://bucket/x"}, "spec.storage.uri"),
+    ("spec.storage", {"uri": "./runs"}, "spec.storage.uri"),
+    ("spec.property", {"samples": 2}, "spec.property.samples"),
+    ("spec.seed", -1, "spec.seed"),
+    ("metadata.name", "n" * 64, "metadata.name"),
+]
+
+
+def _with(path: str, value: object) -> dict[str, Any]:
+    doc = copy.deepcopy(GOOD)
+    *parents, leaf = path.split(".")
+    node = doc
+    for p in parents:
+        node = node.setdefault(p, {})
+    if value is None:
+        node.pop(leaf, None)
+    else:
+        node[leaf] = value
+    return doc
+
+
+def test_invalid_manifests_are_refused_naming_the_field(api: client.ApiClient) -> None:
+    assert len(INVALID) >= 15
+    problems = []
+    for path, value, field in INVALID:
+        try:
+            _create(api, _with(path, value))
+            problems.append(f"{path}={value!r}: accepted")
+            _delete(api, "bad")
+        except ApiException as error:
+            message = json.loads(error.body).get("message", "")
+            # 422: schema or CEL; 400: strict field validation (an unknown field)
+            if error.status not in (400, 422) or field not in message:
+                problems.append(f"{path}={value!r}: {error.status} {message}")
+    assert not problems, "\n".join(problems)
+
+
+def test_spec_fields_that_name_the_coalitions_are_immutable(api: client.ApiClient) -> None:
+    doc = _with("spec.suspend", True)
+    doc["metadata"]["name"] = "immutable"
+    _create(api, doc)
+    try:
+        with pytest.raises(ApiException) as error:
+            _custom(api).patch_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, "immutable",
+                                                        {"spec": {"dataset": {"images": "s3://b/other/"}}})
+        assert error.value.status == 422 and "spec.dataset cannot change" in error.value.body
+        _custom(api).patch_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, "immutable",
+                                                    {"spec": {"execution": {"parallelism": 5}}})
+    finally:
+        _delete(api, "immutable")

@@ -1,0 +1,243 @@
+"""The reconcile decision and status, without a cluster: fake Jobs, a fake storage view, a scripted planner."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pytest
+
+from datacredit.ids import coalition_id
+from datacredit.operator.reconcile import JobView, StoreView, decide, job_state, job_view
+from datacredit.operator.status import Estimate, build_status, set_condition
+from datacredit.spec import parse_manifest
+
+N = 3
+CONTRIBUTORS = [{"name": n, "id": f"{n}-0000", "images": 4} for n in ("ann", "bob", "cy")]
+SEQUENCE = [np.array([(i >> j) & 1 for j in range(N)], dtype=bool) for i in range(2**N)]
+
+
+class ScriptedPlanner:
+    """Walks a fixed sequence; estimate() = mean utility per member (enough to check the plumbing)."""
+
+    def __init__(self, n: int) -> None:
+        self.sequence = SEQUENCE
+        self.pos = 0
+        self.told: list[tuple[np.ndarray, float]] = []
+
+    def ask(self, k: int) -> list[np.ndarray]:
+        out = self.sequence[self.pos : self.pos + k]
+        self.pos += len(out)
+        return out
+
+    def tell(self, coalition: np.ndarray, utility: float) -> None:
+        self.told.append((coalition, utility))
+
+    def estimate(self) -> Any:
+        if len(self.told) < 2:
+            raise ValueError("too few")
+        vals = np.array([np.mean([u for c, u in self.told if c[i]] or [0.0]) for i in range(N)])
+        return SimpleNamespace(values=vals, stderr=np.full(N, 0.1), n_evaluations=len(self.told),
+                               converged=len(self.told) == len(SEQUENCE), stop_reason="budget")
+
+
+def _run(**execution: Any) -> Any:
+    return parse_manifest({
+        "apiVersion": "datacredit.dev/v1alpha1", "kind": "ValuationRun", "metadata": {"name": "r"},
+        "spec": {"dataset": {"images": "s3://b/d"}, "estimator": {"name": "exact", "budget": 8},
+                 "execution": {"parallelism": 2, "maxAttemptsPerCoalition": 2, "maxFailedCoalitions": 0,
+                               **execution},
+                 "storage": {"uri": "s3://b/runs"}},
+    })
+
+
+RUN = _run()
+
+
+def cid(i: int, run: Any = RUN) -> str:
+    return coalition_id([CONTRIBUTORS[j]["id"] for j in np.flatnonzero(SEQUENCE[i])], run.config_hash())
+
+
+def job(key: str, attempt: int, state: str, reason: str = "") -> JobView:
+    step = "prepare" if key == "prepare" else "coalition"
+    return JobView(f"r-{key}-a{attempt}", step, key, attempt, state, reason, "boom" if reason else "")
+
+
+def prepared(done: range | list[int] = (), **kw: Any) -> StoreView:
+    return StoreView(True, CONTRIBUTORS, {cid(i): float(i) for i in done}, **kw)
+
+
+def test_job_state_from_conditions() -> None:
+    def j(conds: list[tuple[str, str]], **status: Any) -> dict[str, Any]:
+        return {"spec": {}, "status": {"conditions": [{"type": t, "status": "True", "reason": r} for t, r in conds],
+                                       **status}}
+
+    assert job_state(j([("SuccessCriteriaMet", ""), ("Complete", "")]))[0] == "Succeeded"
+    assert job_state(j([("FailureTarget", "PodFailurePolicy"), ("Failed", "PodFailurePolicy")]))[:2] == (
+        "Failed", "BadInput")
+    assert job_state(j([("Failed", "DeadlineExceeded")]))[1] == "DeadlineExceeded"
+    assert job_state(j([("Failed", "BackoffLimitExceeded")]))[1] == "PodFailed"
+    assert job_state(j([], active=1, ready=1))[0] == "Running"
+    assert job_state(j([], active=1, ready=0))[0] == "Queued"
+    assert job_state({"spec": {"suspend": True}, "status": {}})[0] == "Queued"  # Kueue: queued, not failed
+    view = job_view({"metadata": {"name": "x", "labels": {"datacredit.dev/step": "coalition",
+                                                          "datacredit.dev/coalition": "c1",
+                                                          "datacredit.dev/attempt": "2"}}, "status": {}})
+    assert view is not None and (view.key, view.attempt, view.state) == ("c1", 2, "Queued")
+    assert job_view({"metadata": {"name": "other"}}) is None
+
+
+def test_prepare_first_then_retry_then_fail() -> None:
+    plan, planner = decide(RUN, [], StoreView(), ScriptedPlanner)
+    assert plan.phase == "Preparing" and planner is None
+    assert [(r.step, r.attempt) for r in plan.create] == [("prepare", 1)]
+
+    plan, _ = decide(RUN, [job("prepare", 1, "Running")], StoreView(), ScriptedPlanner)
+    assert plan.create == []
+
+    plan, _ = decide(RUN, [job("prepare", 1, "Failed", "PodFailed")], StoreView(), ScriptedPlanner)
+    assert [(r.step, r.attempt) for r in plan.create] == [("prepare", 2)]
+    assert [(f.key, f.attempt, f.reason) for f in plan.record] == [("prepare", 1, "PodFailed")]
+
+    failures = {"prepare": {1: "PodFailed", 2: "PodFailed"}}
+    plan, _ = decide(RUN, [], StoreView(failures=failures), ScriptedPlanner)
+    assert plan.phase == "Failed" and plan.reason == "PrepareFailed" and plan.create == []
+
+
+def test_bad_input_is_not_retried() -> None:
+    plan, _ = decide(RUN, [job("prepare", 1, "Failed", "BadInput")], StoreView(), ScriptedPlanner)
+    assert plan.phase == "Failed" and "BadInput" in plan.message and plan.record[0].reason == "BadInput"
+
+
+def test_walks_the_sequence_with_parallelism() -> None:
+    plan, _ = decide(RUN, [], prepared(), ScriptedPlanner)
+    assert plan.phase == "Evaluating"
+    assert [r.cid for r in plan.create] == [cid(0), cid(1)]
+    assert [r.members for r in plan.create] == [(), (0,)]
+    assert plan.counts.planned == 8 and plan.counts.queued == 2
+
+    # 0 done, 1 running: one slot opens for coalition 2
+    plan, planner = decide(RUN, [job(cid(1), 1, "Running")], prepared([0]), ScriptedPlanner)
+    assert [r.cid for r in plan.create] == [cid(2)]
+    assert planner is not None and len(planner.told) == 1
+    assert (plan.counts.succeeded, plan.counts.running, plan.counts.queued) == (1, 1, 1)
+
+    # an existing Job is never created again, even if the index has not seen it yet (409 is handled)
+    plan, _ = decide(RUN, [job(cid(1), 1, "Running"), job(cid(2), 1, "Queued")], prepared([0]), ScriptedPlanner)
+    assert plan.create == []
+
+
+def test_done_when_the_planner_is_exhausted() -> None:
+    plan, planner = decide(RUN, [], prepared(range(8)), ScriptedPlanner)
+    assert plan.phase == "Succeeded" and plan.done and plan.create == []
+    assert planner is not None and len(planner.told) == 8
+
+
+def test_retry_then_fail_for_good_names_the_coalition() -> None:
+    first = decide(RUN, [job(cid(0), 1, "Failed", "PodFailed")], prepared(), ScriptedPlanner)[0]
+    assert [(r.cid, r.attempt) for r in first.create] == [(cid(0), 2), (cid(1), 1)]
+    assert first.record[0].key == cid(0)
+
+    # attempt 2 failed too: maxAttemptsPerCoalition=2, maxFailedCoalitions=0 -> the run fails
+    jobs = [job(cid(0), 2, "Failed", "DeadlineExceeded"), job(cid(1), 1, "Running")]
+    plan, _ = decide(RUN, jobs, prepared(failures={cid(0): {1: "PodFailed"}}), ScriptedPlanner)
+    assert plan.phase == "Failed" and plan.reason == "CoalitionsFailed"
+    assert cid(0) in plan.message and "DeadlineExceeded" in plan.message and "{}" in plan.message
+    assert plan.delete == [f"r-{cid(1)}-a1"] and plan.create == []
+
+    # tolerated with maxFailedCoalitions=1: the run goes on without it
+    lenient = _run(maxFailedCoalitions=1)
+    failures = {coalition_id([], lenient.config_hash()): {1: "PodFailed", 2: "PodFailed"}}
+    store = StoreView(True, CONTRIBUTORS, {}, failures)
+    plan, _ = decide(lenient, [], store, ScriptedPlanner)
+    assert plan.phase == "Evaluating" and plan.counts.failed == 1 and len(plan.create) == 2
+
+
+def test_job_gone_without_verdict_is_recreated_and_no_result_counts_as_failure() -> None:
+    plan, _ = decide(RUN, [job(cid(0), 1, "Succeeded")], prepared(), ScriptedPlanner)
+    assert plan.record[0].reason == "NoResult"
+    assert (plan.create[0].cid, plan.create[0].attempt) == (cid(0), 2)
+    # the marker of attempt 1 exists, attempt 2's Job vanished (deleted by hand): attempt 2 again
+    plan, _ = decide(RUN, [], prepared(failures={cid(0): {1: "PodFailed"}}), ScriptedPlanner)
+    assert (plan.create[0].cid, plan.create[0].attempt) == (cid(0), 2)
+
+
+def test_suspend_starts_nothing() -> None:
+    run = _run()
+    run = run.model_copy(update={"spec": run.spec.model_copy(update={"suspend": True})})
+    plan, _ = decide(run, [], prepared(), ScriptedPlanner)
+    assert plan.phase == "Suspended" and plan.create == []
+    plan, _ = decide(run, [], StoreView(), ScriptedPlanner)
+    assert plan.phase == "Suspended" and plan.create == []
+
+
+def test_status_is_bounded_and_conditions_keep_transition_times() -> None:
+    plan, planner = decide(RUN, [job(cid(3), 1, "Running")], prepared([0, 1, 2]), ScriptedPlanner)
+    est = Estimate([f"p{i}" for i in range(15)], [float(i) for i in range(15)], [0.1] * 15, 3, False, "budget")
+    status = build_status(plan, est, {}, generation=1, results_uri="s3://b/r/results/", contributors=15,
+                          now="2026-01-01T00:00:00Z")
+    assert status["phase"] == "Evaluating" and status["progress"] == "3/8"
+    assert len(status["top"]) == 10 and status["top"][0] == {"contributor": "p14", "value": 14.0, "stderr": 0.1}
+    assert status["topContributor"] == "p14" and status["estimate"]["maxStderr"] == pytest.approx(0.1)
+    conds = {c["type"]: c for c in status["conditions"]}
+    assert conds["Prepared"]["status"] == "True" and conds["Ready"]["status"] == "False"
+    assert conds["Converged"]["status"] == "False"
+
+    later = set_condition(status["conditions"], "Prepared", True, "PrepareSucceeded", "x", 1, "2026-02-02T00:00:00Z")
+    assert {c["type"]: c for c in later}["Prepared"]["lastTransitionTime"] == "2026-01-01T00:00:00Z"
+    flipped = set_condition(later, "Ready", True, "Succeeded", "done", 1, "2026-02-02T00:00:00Z")
+    assert {c["type"]: c for c in flipped}["Ready"]["lastTransitionTime"] == "2026-02-02T00:00:00Z"
+
+    plan.phase, plan.reason, plan.message = "Failed", "CoalitionsFailed", "coalition c1 failed"
+    failed = build_status(plan, None, status, generation=2, results_uri="", contributors=15)
+    conds = {c["type"]: c for c in failed["conditions"]}
+    assert conds["Failed"]["status"] == "True" and conds["Failed"]["reason"] == "CoalitionsFailed"
+    assert failed["completionTime"] and failed["startTime"] == "2026-01-01T00:00:00Z"
+
+
+@pytest.mark.parametrize(("method", "budget", "parallelism"), [("exact", 16, 3), ("kernel", 12, 2)])
+def test_simulated_run_matches_the_sequential_estimate(method: str, budget: int, parallelism: int) -> None:
+    """Ticks of decide() with Jobs finishing out of order give the estimate of a plain sequential walk."""
+    from datacredit.runstate import planner_for
+
+    n = 4
+    contributors = [{"name": f"p{i}", "id": f"p{i}-0000", "images": 1} for i in range(n)]
+    run = parse_manifest({
+        "apiVersion": "datacredit.dev/v1alpha1", "kind": "ValuationRun", "metadata": {"name": "sim"},
+        "spec": {"dataset": {"images": "s3://b/d"}, "estimator": {"name": method, "budget": budget, "seed": 3},
+                 "execution": {"parallelism": parallelism}, "storage": {"uri": "s3://b/runs"}},
+    })
+    weights = np.array([0.5, -0.2, 0.1, 0.3])
+
+    def utility(members: tuple[int, ...]) -> float:
+        return float(weights[list(members)].sum()) + 0.05 * len(members) ** 2
+
+    store = StoreView(True, contributors, {})
+    running: list[JobView] = []
+    rng = np.random.default_rng(0)
+    created: list[str] = []
+    for _ in range(200):
+        plan, planner = decide(run, running, store, lambda k: planner_for(run, k))
+        if plan.done:
+            break
+        for r in plan.create:
+            created.append(r.cid)
+            members = ",".join(map(str, r.members))
+            running.append(JobView(r.cid, "coalition", r.cid, r.attempt, "Running", members=members))
+        if running:  # one random Job finishes per tick
+            done = running.pop(int(rng.integers(len(running))))
+            store.utilities[done.key] = utility(tuple(int(m) for m in done.members.split(",") if m))
+    assert plan.done and planner is not None
+    assert len(created) == len(set(created)), "a coalition was started twice"
+
+    reference = planner_for(run, n)
+    while len(batch := reference.ask(1)):
+        reference.tell(batch[0], utility(tuple(int(i) for i in np.flatnonzero(batch[0]))))
+    np.testing.assert_allclose(planner.estimate().values, reference.estimate().values, atol=1e-12)
+
+
+def test_jobs_of_coalitions_with_results_do_not_hold_the_run() -> None:
+    jobs = [job(cid(6), 1, "Running"), job(cid(7), 1, "Queued")]
+    plan, _ = decide(RUN, jobs, prepared(range(8)), ScriptedPlanner)
+    assert plan.phase == "Succeeded" and plan.delete == []

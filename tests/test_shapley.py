@@ -1,0 +1,247 @@
+"""Tests of the Shapley estimation engine (datacredit.shapley)."""
+
+from __future__ import annotations
+
+import json
+from math import factorial
+
+import numpy as np
+import pytest
+
+from datacredit.shapley import (
+    METHODS,
+    Estimate,
+    StopReason,
+    estimate,
+    estimate_from_table,
+    make_plan,
+    read_jsonl,
+    write_jsonl,
+)
+
+
+def saturating_game(n: int, seed: int = 0):
+    """Coverage-style game with diminishing returns, a harmful player and a pairwise synergy."""
+    rng = np.random.default_rng(seed)
+    a = rng.gamma(0.8, 1.0, size=(5, n)) * (rng.random((5, n)) < 0.5)
+    w = rng.uniform(0.5, 2.0, size=5)
+    harm = np.zeros(n)
+    harm[0] = 0.4
+
+    def v(Z: np.ndarray) -> np.ndarray:
+        Zf = np.asarray(Z, dtype=float)
+        cover = (1 - np.exp(-Zf @ a.T)) @ w
+        return cover - Zf @ harm + 0.3 * Zf[:, 1] * Zf[:, 2]
+
+    return v
+
+
+def brute_force(v, n: int, banzhaf: bool = False) -> np.ndarray:
+    """Reference semivalues by looping over all coalitions."""
+    idx = np.arange(2**n)
+    masks = (idx[:, None] >> np.arange(n) & 1).astype(bool)
+    values = v(masks)
+    out = np.zeros(n)
+    for i in range(n):
+        for S in idx[~masks[:, i]]:
+            s = int(masks[S].sum())
+            weight = 2.0 ** -(n - 1) if banzhaf else factorial(s) * factorial(n - s - 1) / factorial(n)
+            out[i] += weight * (values[S | (1 << i)] - values[S])
+    return out
+
+
+def noisy(v, sd: float, seed: int):
+    rng = np.random.default_rng(seed)
+    return lambda Z: v(Z) + sd * rng.standard_normal(len(Z))
+
+
+class Recorder:
+    """Utility wrapper that counts and stores every evaluated row."""
+
+    def __init__(self, v):
+        self.v, self.rows = v, []
+
+    def __call__(self, Z: np.ndarray) -> np.ndarray:
+        out = self.v(Z)
+        self.rows.extend(zip((np.flatnonzero(z).tolist() for z in Z), out.tolist(), strict=True))
+        return out
+
+
+def rel_l2(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+@pytest.mark.parametrize("n", [3, 5, 7])
+def test_exact_matches_brute_force(n: int) -> None:
+    v = saturating_game(n)
+    res = estimate(v, n, 2**n, "exact")
+    assert np.allclose(res.values, brute_force(v, n), atol=1e-12)
+    assert res.n_evaluations == 2**n and res.stop_reason == StopReason.ALL_COALITIONS
+    assert np.all(res.stderr == 0)
+
+
+def test_banzhaf_exact_when_all_coalitions_and_close_when_sampled() -> None:
+    n = 6
+    v = saturating_game(n)
+    truth = brute_force(v, n, banzhaf=True)
+    assert np.allclose(estimate(v, n, 2**n, "banzhaf").values, truth, atol=1e-12)
+    assert rel_l2(estimate(v, n, 40, "banzhaf", seed=1).values, truth) < 0.1
+
+
+@pytest.mark.parametrize("method", ["kernel", "permutation"])
+def test_full_budget_gives_exact_shapley(method: str) -> None:
+    n = 6
+    v = saturating_game(n)
+    res = estimate(v, n, 2**n, method)
+    assert res.stop_reason == StopReason.ALL_COALITIONS
+    assert np.allclose(res.values, brute_force(v, n), atol=1e-10)
+
+
+def test_loo_values() -> None:
+    n = 5
+    v = saturating_game(n)
+    res = estimate(v, n, n + 2, "loo")
+    full = v(np.ones((1, n), dtype=bool))[0]
+    expected = [full - v((np.arange(n) != i)[None])[0] for i in range(n)]
+    assert np.allclose(res.values, expected) and res.stop_reason == StopReason.DESIGN_COMPLETE
+
+
+@pytest.mark.parametrize("method", ["kernel", "permutation", "exact"])
+def test_efficiency_holds_on_noisy_utility(method: str) -> None:
+    n = 8
+    rec = Recorder(noisy(saturating_game(n), 0.05, seed=3))
+    budget = 2**n if method == "exact" else 6 * n
+    res = estimate(rec, n, budget, method, seed=2)
+    observed = dict((tuple(m), u) for m, u in rec.rows)
+    assert np.isclose(res.values.sum(), observed[tuple(range(n))] - observed[()], atol=1e-10)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_budget_never_exceeded_and_counted(method: str) -> None:
+    n = 7
+    for budget in [2**n, 2**n + 5] if method == "exact" else [n + 2, 2 * n + 3, 5 * n, 300]:
+        rec = Recorder(saturating_game(n))
+        try:
+            res = estimate(rec, n, budget, method, seed=1)
+        except ValueError:
+            assert method == "permutation" and budget < 2 * n
+            continue
+        assert len(rec.rows) == res.n_evaluations <= budget
+        assert len({tuple(m) for m, _ in rec.rows}) == len(rec.rows)  # no coalition evaluated twice
+        assert rec.rows[0][0] == [] and rec.rows[1][0] == list(range(n))
+
+
+@pytest.mark.parametrize("method", ["kernel", "permutation", "banzhaf"])
+def test_same_seed_same_result(method: str) -> None:
+    n = 10
+    v = saturating_game(n)
+    a, b = (estimate(noisy(v, 0.02, seed=9), n, 8 * n, method, seed=4) for _ in range(2))
+    assert np.array_equal(a.values, b.values) and np.array_equal(a.stderr, b.stderr)
+    assert not np.array_equal(a.values, estimate(noisy(v, 0.02, seed=9), n, 8 * n, method, seed=5).values)
+
+
+def test_error_shrinks_with_budget() -> None:
+    n = 12
+    v = saturating_game(n, seed=1)
+    truth = brute_force(v, n)
+    errors = {
+        k: np.median([rel_l2(estimate(v, n, k * n, seed=s).values, truth) for s in range(6)]) for k in (4, 16, 64)
+    }
+    assert errors[64] < errors[16] < errors[4]
+
+
+def test_stop_reasons_and_tolerance() -> None:
+    n = 10
+    v = saturating_game(n)
+    full = estimate(v, n, 20 * n)
+    assert full.stop_reason == StopReason.BUDGET and not full.converged and full.n_evaluations == 20 * n
+    early = estimate(v, n, 20 * n, tolerance=0.5)
+    assert early.converged and early.stop_reason == StopReason.CONVERGED
+    assert 4 * n + 2 <= early.n_evaluations < 20 * n
+    assert np.all(early.halfwidth < 0.5 * np.ptp(early.values))
+    later = estimate(v, n, 20 * n, tolerance=0.5, min_evaluations=10 * n)
+    assert later.n_evaluations >= 10 * n
+    absolute = estimate(v, n, 20 * n, atol=1e-9)  # unreachable: runs to the budget
+    assert absolute.stop_reason == StopReason.BUDGET and absolute.n_evaluations == 20 * n
+
+
+def test_stopping_is_not_fooled_by_tiny_designs() -> None:
+    n = 10
+    res = estimate(saturating_game(n), n, 2 * n, tolerance=1.0, min_evaluations=4)
+    assert not res.converged  # fewer pairs than parameters: infinite intervals, never converged
+
+
+def test_resume_from_jsonl_table(tmp_path) -> None:
+    n = 9
+    rec = Recorder(noisy(saturating_game(n), 0.03, seed=1))
+    for method in ("kernel", "banzhaf"):
+        rec.rows.clear()
+        res = estimate(rec, n, 7 * n, method, seed=3)
+        path = tmp_path / f"{method}.jsonl"
+        write_jsonl(path, rec.rows)
+        again = estimate_from_table(read_jsonl(path), n, method)
+        assert np.allclose(again.values, res.values, atol=1e-10)
+        assert np.allclose(again.stderr, res.stderr, atol=1e-10)
+        assert again.n_evaluations == res.n_evaluations
+        assert estimate_from_table(read_jsonl(path), method=method).values.shape == (n,)  # n inferred
+
+
+def test_estimate_from_table_other_methods() -> None:
+    n = 8
+    rec = Recorder(saturating_game(n))
+    estimate(rec, n, 10 * n, "kernel", seed=0)  # border rows give leave-one-out for free
+    loo = estimate_from_table(rec.rows, n, "loo")
+    assert np.allclose(loo.values, estimate(saturating_game(n), n, n + 2, "loo").values)
+    perm = estimate_from_table(rec.rows, n, "permutation")  # no chains: kernel regression
+    assert np.allclose(perm.values, estimate_from_table(rec.rows, n, "kernel").values)
+    with pytest.raises(ValueError, match="unknown method"):
+        estimate_from_table(rec.rows, n, "shapley")
+    with pytest.raises(ValueError, match="∅"):
+        estimate_from_table(rec.rows[2:], n, "kernel")
+
+
+def test_repeated_rows_are_averaged_and_give_noise_variance() -> None:
+    n = 4
+    v = saturating_game(n)
+    idx = np.arange(2**n)
+    masks = (idx[:, None] >> np.arange(n) & 1).astype(bool)
+    rows = [(m, u + d) for m, u in zip(masks, v(masks), strict=True) for d in (-0.1, 0.1)]
+    res = estimate_from_table(rows, n, "exact")
+    assert np.allclose(res.values, brute_force(v, n))
+    assert np.all(res.stderr > 0) and res.n_evaluations == 2 * 2**n
+
+
+def test_coverage_on_small_noisy_game() -> None:
+    n = 10
+    v = saturating_game(n, seed=2)
+    truth = brute_force(v, n)
+    sd = 0.02 * np.ptp(v((np.arange(2**n)[:, None] >> np.arange(n) & 1).astype(bool)))
+    covered = []
+    for seed in range(30):
+        for k in (8, 16):
+            res = estimate(noisy(v, sd, seed=100 + seed), n, k * n, seed=seed)
+            covered.extend(np.abs(res.values - truth) <= res.halfwidth)
+    assert np.mean(covered) >= 0.9
+
+
+def test_plan_shape_and_errors() -> None:
+    plan = make_plan(12, 100, "kernel", seed=0)
+    assert len(plan.sequence) <= 100 and not plan.sequence[0].any() and plan.sequence[1].all()
+    sizes = plan.sequence[2:].sum(axis=1)
+    assert np.all(sizes[0::2] + sizes[1::2] == 12)  # complement pairs
+    perm = make_plan(6, 40, "permutation", seed=0)
+    first, reverse = perm.sequence[perm.chains[0]], perm.sequence[perm.chains[1]]
+    assert np.array_equal(first, ~reverse[::-1])  # antithetic: prefixes of the reverse are complements
+    with pytest.raises(ValueError, match="2\\^"):
+        make_plan(8, 100, "exact")
+    with pytest.raises(ValueError, match="unknown method"):
+        make_plan(8, 100, "tmc")
+    with pytest.raises(ValueError, match="loo needs"):
+        make_plan(8, 5, "loo")
+
+
+def test_estimate_result_serialises() -> None:
+    res = estimate(saturating_game(5), 5, 12, seed=0)
+    data = json.loads(json.dumps(res.to_dict()))
+    assert isinstance(res, Estimate) and data["stop_reason"] == str(res.stop_reason)
+    assert len(data["values"]) == 5
