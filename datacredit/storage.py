@@ -112,7 +112,7 @@ def s3_client(options: S3Options) -> Any:
         response_checksum_validation="when_required",
         retries={"max_attempts": 5, "mode": "standard"},
     )
-    return boto3.client(
+    return boto3.session.Session().client(  # a fresh session: credentials are read now, not cached from earlier
         "s3",
         endpoint_url=options.endpoint or None,
         region_name=options.region or os.environ.get("AWS_REGION") or "us-east-1",

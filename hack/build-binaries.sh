@@ -197,7 +197,8 @@ build_kubernetes kube-apiserver kube-controller-manager
 build_helm
 build_kubeconform
 build_prometheus
-build_kubernetes kubectl # only for debugging by hand (export KUBECONFIG=...; kubectl get pods -A)
+# kubectl is only for debugging by hand (export KUBECONFIG=...; kubectl get pods -A): built when asked for by name.
+if [[ " ${REQUESTED[*]} " == *" kubectl "* ]]; then build_kubernetes kubectl; fi
 
 log "summary (binaries in $BIN_DIR):"
 printf '  %s\n' "${SUMMARY[@]}"

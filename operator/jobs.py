@@ -112,7 +112,7 @@ def _env(run: ValuationRun) -> list[dict[str, str]]:
         "HOME": "/tmp",
         "XDG_CACHE_HOME": "/tmp/.cache",
         "MPLCONFIGDIR": "/tmp/.config/matplotlib",
-        "DATACREDIT_WORK_DIR": "/tmp",
+        "DATACREDIT_WORK_DIR": "/tmp/$(POD_NAME)",  # one per pod, even where pods share a /tmp
         "AWS_REQUEST_CHECKSUM_CALCULATION": "when_required",
         "AWS_RESPONSE_CHECKSUM_VALIDATION": "when_required",
     }
@@ -120,7 +120,8 @@ def _env(run: ValuationRun) -> list[dict[str, str]]:
         env["AWS_ENDPOINT_URL_S3"] = storage.endpoint
     if storage.region:
         env["AWS_REGION"] = storage.region
-    return [{"name": k, "value": v} for k, v in env.items()]
+    pod_name = {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}
+    return [pod_name, *({"name": k, "value": v} for k, v in env.items())]
 
 
 def render_job(run: ValuationRun, ref: RunRef, run_uri: str, request: JobRequest) -> dict[str, Any]:

@@ -208,7 +208,8 @@ def test_operator_deployment(default_docs: list[Manifest]) -> None:
     pod = spec["template"]["spec"]
     [container] = pod["containers"]
     chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
-    assert container["image"] == f"registry.example.com/datacredit-operator:{chart['appVersion']}"
+    repository = yaml.safe_load((CHART / "values.yaml").read_text())["image"]["repository"]
+    assert container["image"] == f"{repository}:{chart['appVersion']}"
     assert container["args"] == ["operator", "--metrics-port=8080", "--liveness-port=8081"]
     assert {"name": "DATACREDIT_WATCH_NAMESPACES", "value": ""} in container["env"]
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
@@ -506,7 +507,7 @@ def test_chart_on_api_server(control_plane: ControlPlane, tmp_path: Path) -> Non
         result = run(install, env=env)
         assert result.returncode == 0, result.stderr
         notes = result.stdout.split("NOTES:", 1)[1]
-        assert "kubectl -n team-a apply -f" in notes and f"{RELEASE}-datacredit-metrics.{NAMESPACE}:8080" in notes
+        assert "kubectl -n team-a create secret" in notes and f"{RELEASE}-datacredit-metrics.{NAMESPACE}:8080" in notes
         result = run([helm, "install", "wide", CHART, "-n", "datacredit-wide", "--set", "crds.install=false"], env=env)
         assert result.returncode == 0, result.stderr
 

@@ -41,7 +41,7 @@ NS = "vrun-e2e"
 BUCKET = "datacredit-e2e"
 ROOT = Path(__file__).resolve().parents[1]
 CRD_FILE = ROOT / "crds" / "valuationruns.datacredit.dev.yaml"
-RUN_TIMEOUT_S = 420.0
+RUN_TIMEOUT_S = 900.0  # a worker process spends 10-40 s importing torch on a busy 2-core machine
 FAULTS_ENV = "DATACREDIT_TEST_FAULTS"
 
 
@@ -237,20 +237,21 @@ def _delete(api: client.ApiClient, name: str) -> None:
 # ---------------------------------------------------------------- (1) values, (6) columns, (5) deletion
 
 
+@pytest.mark.timeout(1800)
 def test_run_succeeds_with_local_values_columns_and_cleanup(
     api: client.ApiClient, operator: Operator, s3_server: S3Server, tiny_data: TinyData,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    doc = _manifest(tiny_data, s3_server, "tiny-exact", estimator="exact", budget=16)
+    doc = _manifest(tiny_data, s3_server, "tiny-kernel", estimator="kernel", budget=8)
     started = time.monotonic()
     _create(api, doc)
-    run = _wait_phase(api, "tiny-exact", ("Succeeded", "Failed"), operator)
+    run = _wait_phase(api, "tiny-kernel", ("Succeeded", "Failed"), operator)
     elapsed = time.monotonic() - started
     status = run["status"]
     assert status["phase"] == "Succeeded", status
-    print(f"\n[e2e] exact run, 16 coalitions: Succeeded in {elapsed:.1f}s")
+    print(f"\n[e2e] kernel run, 8 coalitions: Succeeded in {elapsed:.1f}s")
 
-    assert status["progress"] == "16/16" and status["coalitions"]["succeeded"] == 16
+    assert status["progress"] == "8/8" and status["coalitions"]["succeeded"] == 8
     assert {t["contributor"] for t in status["top"]} == set(CONTRIBUTORS)
     conds = {c["type"]: c for c in status["conditions"]}
     assert conds["Ready"]["status"] == "True" and conds["Prepared"]["status"] == "True"
@@ -259,9 +260,9 @@ def test_run_succeeds_with_local_values_columns_and_cleanup(
     store = _store(run, s3_server)
     assert status["results"].startswith(store.uri)
     shapley = read_json(store, "results/shapley.json")
-    assert set(_values(shapley)) == set(CONTRIBUTORS) and shapley["evaluations"] == 16
+    assert set(_values(shapley)) == set(CONTRIBUTORS) and shapley["evaluations"] == 8
     assert store.exists("results/shapley.csv")
-    assert len(store.read_bytes(layout.UTILITIES).decode().splitlines()) == 16
+    assert len(store.read_bytes(layout.UTILITIES).decode().splitlines()) == 8
     by_status = {t["contributor"]: t["value"] for t in status["top"]}
     for name, value in _values(shapley).items():
         assert by_status[name] == pytest.approx(value, abs=1e-7)
@@ -285,25 +286,27 @@ def test_run_succeeds_with_local_values_columns_and_cleanup(
     table = json.loads(response[0].data)
     columns = [c["name"] for c in table["columnDefinitions"]]
     assert columns[:4] == ["Name", "Phase", "Progress", "Top"] and "Age" in columns
-    row = next(r["cells"] for r in table["rows"] if r["cells"][0] == "tiny-exact")
-    assert row[1:4] == ["Succeeded", "16/16", status["topContributor"]]
+    row = next(r["cells"] for r in table["rows"] if r["cells"][0] == "tiny-kernel")
+    assert row[1:4] == ["Succeeded", "8/8", status["topContributor"]]
 
     # the operator's metrics for this run
     text = operator.metrics().decode()
-    assert 'datacredit_run_progress_ratio{name="tiny-exact",namespace="vrun-e2e"} 1.0' in text
-    assert 'datacredit_coalitions{name="tiny-exact",namespace="vrun-e2e",phase="Succeeded"} 16.0' in text
+    assert 'datacredit_run_progress_ratio{name="tiny-kernel",namespace="vrun-e2e"} 1.0' in text
+    assert 'datacredit_coalitions{name="tiny-kernel",namespace="vrun-e2e",phase="Succeeded"} 8.0' in text
 
     # (5) deleting the run deletes its Jobs (ownerReferences + the garbage collector) and its series
     uid = run["metadata"]["uid"]
-    assert len(_jobs(api, uid)) == 17  # prepare + 16 coalitions, none twice
-    _delete(api, "tiny-exact")
+    jobs = _jobs(api, uid)
+    assert len(jobs) == 9, [j.metadata.name for j in jobs]  # prepare + 8 coalitions, none twice
+    _delete(api, "tiny-kernel")
     wait_until(lambda: not _jobs(api, uid), "garbage collection of the run's Jobs", 120)
-    wait_until(lambda: b'name="tiny-exact"' not in operator.metrics(), "metric series removed", 30)
+    wait_until(lambda: b'name="tiny-kernel"' not in operator.metrics(), "metric series removed", 30)
 
 
 # ---------------------------------------------------------------- (2) operator restart
 
 
+@pytest.mark.timeout(1800)
 def test_operator_restart_resumes_without_repeating_work(
     api: client.ApiClient, operator: Operator, s3_server: S3Server, tiny_data: TinyData
 ) -> None:
@@ -334,6 +337,7 @@ def test_operator_restart_resumes_without_repeating_work(
 # ---------------------------------------------------------------- (3) retries and failure
 
 
+@pytest.mark.timeout(1800)
 def test_failed_pod_is_retried_and_persistent_failure_fails_the_run(
     api: client.ApiClient, operator: Operator, s3_server: S3Server, tiny_data: TinyData,
     faults: dict[tuple[str, str], str],
@@ -452,3 +456,11 @@ def test_spec_fields_that_name_the_coalitions_are_immutable(api: client.ApiClien
                                                     {"spec": {"execution": {"parallelism": 5}}})
     finally:
         _delete(api, "immutable")
+
+
+def test_example_manifest_is_accepted(api: client.ApiClient) -> None:
+    doc = yaml.safe_load((ROOT / "examples" / "digits-s3.yaml").read_text())
+    doc["metadata"]["namespace"] = NS
+    created = _custom(api).create_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, doc, dry_run="All",
+                                                           field_validation="Strict")
+    assert created["spec"]["execution"]["maxAttemptsPerCoalition"] == 3  # defaults filled in by the schema

@@ -70,7 +70,9 @@ def test_coalition_job(monkeypatch: pytest.MonkeyPatch) -> None:
     assert c["resources"]["requests"] == c["resources"]["limits"] == {"cpu": "4", "memory": "16Gi",
                                                                        "nvidia.com/gpu": "2"}
     assert c["envFrom"] == [{"secretRef": {"name": "s3-creds"}}]
-    env = {e["name"]: e["value"] for e in c["env"]}
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert c["env"][0] == {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}
+    assert env["DATACREDIT_WORK_DIR"] == "/tmp/$(POD_NAME)"
     assert env["AWS_ENDPOINT_URL_S3"] == "http://minio:9000" and env["AWS_REGION"] == "eu-1"
     assert env["HOME"].startswith("/tmp")
     sc = c["securityContext"]

@@ -1,0 +1,74 @@
+"""S3 storage against a real S3-compatible server (MinIO) on loopback, and a tiny run stored there."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from datacredit import layout
+from datacredit.local import execute
+from datacredit.runstate import open_run
+from datacredit.spec import parse_manifest
+from datacredit.storage import S3Options, S3Storage, StorageError, open_storage, read_json, upload_dir, write_json
+from tests.infra.s3server import S3Server
+from tests.tiny import CONTRIBUTORS, TinyData, tiny_manifest
+
+pytestmark = pytest.mark.s3
+
+
+@pytest.fixture()
+def s3_env(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> S3Options:
+    """Credentials in the environment, as users give them."""
+    for k, v in s3_server.env().items():
+        monkeypatch.setenv(k, v)
+    return S3Options(endpoint=s3_server.endpoint, region=s3_server.region)
+
+
+def test_round_trip_and_conditional_put(s3_server: S3Server, s3_env: S3Options) -> None:
+    s3_server.make_bucket("store-test")
+    store = open_storage("s3://store-test/runs/ns/r-1", s3_env)
+    assert isinstance(store, S3Storage)
+    assert write_json(store, "coalitions/c1/result.json", {"utility": 1.5}, if_absent=True)
+    assert not write_json(store, "coalitions/c1/result.json", {"utility": 9.0}, if_absent=True)
+    assert read_json(store, "coalitions/c1/result.json") == {"utility": 1.5}
+    store.write_bytes("manifest.json", b"{}")
+    assert store.exists("manifest.json") and not store.exists("nope.json")
+    assert store.list() == ["coalitions/c1/result.json", "manifest.json"]
+    assert store.child("coalitions").list() == ["c1/result.json"]
+    with pytest.raises(FileNotFoundError):
+        store.read_bytes("nope.json")
+
+
+def test_wrong_credentials_and_missing_bucket(s3_server: S3Server, s3_env: S3Options,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    s3_server.make_bucket("creds-test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret")
+    with pytest.raises(StorageError, match="credentials"):
+        open_storage("s3://creds-test/x", s3_env).write_bytes("a", b"x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server.secret_key)
+    with pytest.raises(StorageError, match="does not exist"):
+        open_storage("s3://no-such-bucket/x", s3_env).list()
+
+
+@pytest.mark.workload
+def test_tiny_run_on_s3(s3_server: S3Server, s3_env: S3Options, tiny_data: TinyData, tmp_path: Path) -> None:
+    """Data and run both in S3: the same values as the same run on local disk."""
+    s3_server.make_bucket("tiny")
+    data = open_storage("s3://tiny/data", s3_env)
+    upload_dir(data, "images", tiny_data.images)
+    upload_dir(data, "reference", tiny_data.reference)
+    storage = {"uri": "s3://tiny/runs", "endpoint": s3_server.endpoint, "region": s3_server.region}
+    run = parse_manifest(tiny_manifest("tiny-s3", "s3://tiny/data/images", "s3://tiny/data/reference", storage))
+    doc = execute(run).results
+    assert sorted(r["name"] for r in doc["contributors"]) == sorted(CONTRIBUTORS)
+    store = open_run(run).store
+    assert store.uri.startswith("s3://tiny/runs/default/tiny-s3-")
+    assert len([k for k in store.list("coalitions") if k.endswith("result.json")]) == 16
+    assert read_json(store, layout.MANIFEST)["skipped"][0]["path"] == tiny_data.corrupt
+
+    local = parse_manifest(tiny_manifest("tiny-s3", str(tiny_data.images), str(tiny_data.reference),
+                                         {"uri": str(tmp_path)}))
+    local_doc = execute(local).results
+    assert {r["name"]: r["value"] for r in doc["contributors"]} == pytest.approx(
+        {r["name"]: r["value"] for r in local_doc["contributors"]}, abs=1e-9)
