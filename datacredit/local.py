@@ -133,6 +133,7 @@ def execute(run: ValuationRun, *, workers: int | None = None, console: Console |
                             submit(coal)
                             continue
                         failed.append(cid)
+                        planner.skip(coal)  # left out of the estimate; the run goes on without it
                         if len(failed) > run.spec.execution.max_failed_coalitions:
                             raise RunFailed(
                                 f"{len(failed)} coalitions failed after {max_attempts} attempts "

@@ -22,13 +22,50 @@ import torch
 from .device import seed_everything, set_threads
 from .digits import demo_data
 from .images import load_images, save_grid
-from .pipeline import coalition_utility, prepare_sparsified
+from .pipeline import Prepared, coalition_utility, prepare_sparsified
 from .properties import get_property
+from .prune import prune_unet
 from .sample import sample_ddim
+from .train import Checkpoint, train_ddpm
+from .unet import build_unet, count_params
 
 
 def _ints(text: str) -> tuple[int, ...]:
     return tuple(int(v) for v in text.split(",") if v)
+
+
+def _clock(fn, *a, **kw) -> tuple[float, float]:
+    """(wall, CPU) seconds of one call."""
+    w, c = time.perf_counter(), time.process_time()
+    fn(*a, **kw)
+    return time.perf_counter() - w, time.process_time() - c
+
+
+def time_stages(args: argparse.Namespace, steps: int = 20) -> dict:
+    """Seconds per training step (full and pruned model, both batch sizes), per DDIM sampling run and per
+    property score, as (wall, CPU) pairs; CPU seconds are what a 1-thread run takes on an idle core."""
+    torch.manual_seed(0)
+    x = torch.rand(512, 1, 8, 8) * 2 - 1
+    full = build_unet(8, 1, args.blocks, norm_num_groups=args.groups)
+    train_ddpm(full, x, 2, batch_size=args.batch_size)  # warm-up
+    out: dict = {"params_full": count_params(full)}
+    for bs in sorted({args.batch_size, args.ft_batch_size}):
+        w, c = _clock(train_ddpm, full, x, steps, batch_size=bs)
+        out[f"full_train_step_bs{bs}"] = (w / steps, c / steps)
+    pruned, _ = prune_unet(full, args.prune_ratio)
+    out["params_pruned"] = count_params(pruned)
+    for bs in sorted({args.batch_size, args.ft_batch_size}):
+        w, c = _clock(train_ddpm, pruned, x, steps, batch_size=bs)
+        out[f"pruned_train_step_bs{bs}"] = (w / steps, c / steps)
+    for n in sorted({128, args.samples}):
+        out[f"pruned_sample_{n}x{args.ddim_steps}"] = _clock(sample_ddim, pruned, n, args.ddim_steps)
+    data = demo_data(seed=0)
+    prop = get_property("quality")
+    cache = Path(tempfile.mkdtemp(prefix="dc-timing-"))
+    out["property_fit"] = _clock(prop.fit, load_images(data.reference, 8, 1), data.reference_labels, cache)
+    samples = torch.rand(args.samples, 1, 8, 8) * 2 - 1
+    out[f"property_score_{args.samples}"] = _clock(prop.score, samples)
+    return {k: [round(v, 4) for v in val] if isinstance(val, tuple) else val for k, val in out.items()}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -49,12 +86,19 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--coalitions", default="clean,all,all-noise,all-blank,all-duplicate,clean+noise,"
                     "clean+blank,clean+duplicate")
+    ap.add_argument("--prepared", type=Path, default=None,
+                    help="checkpoint folder: loaded when present, else written after prepare")
+    ap.add_argument("--timing", action="store_true", help="only time the stages (wall and CPU seconds)")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--grids", type=Path, default=None, help="folder for sample grids")
     args = ap.parse_args(argv)
     set_threads(args.threads)
     seed_everything(0)
     report: dict = {"args": {k: str(v) for k, v in vars(args).items()}, "loadavg_start": os.getloadavg()}
+    if args.timing:
+        report["timing"] = time_stages(args)
+        print(json.dumps(report, indent=1, default=str))
+        return report
 
     data = demo_data(seed=0)
     imgs = {name: load_images(blobs, 8, 1) for name, blobs in data.contributors.items()}
@@ -82,9 +126,17 @@ def main(argv: list[str] | None = None) -> dict:
 
     everything = torch.cat(list(imgs.values()))
     arch = {"block_out_channels": args.blocks, "norm_num_groups": args.groups}
-    prep = prepare_sparsified(everything, arch=arch, train_steps=args.train_steps, train_lr=args.train_lr,
-                              batch_size=args.batch_size, prune_ratio=args.prune_ratio,
-                              finetune_steps=args.prune_ft_steps, finetune_lr=args.train_lr, seed=0)
+    if args.prepared and (args.prepared / "sparsified").is_dir():
+        prep = Prepared(Checkpoint.load(args.prepared / "sparsified"), Checkpoint.load(args.prepared / "full"),
+                        json.loads((args.prepared / "info.json").read_text()))
+    else:
+        prep = prepare_sparsified(everything, arch=arch, train_steps=args.train_steps, train_lr=args.train_lr,
+                                  batch_size=args.batch_size, prune_ratio=args.prune_ratio,
+                                  finetune_steps=args.prune_ft_steps, finetune_lr=args.train_lr, seed=0)
+        if args.prepared:
+            prep.sparsified.save(args.prepared / "sparsified")
+            prep.full.save(args.prepared / "full")
+            (args.prepared / "info.json").write_text(json.dumps(prep.info, default=str))
     report["prepare"] = prep.info
     n_train = max(1, args.train_steps)
     report["prepare"]["train_s_per_step"] = prep.info["seconds"].get("train", 0) / n_train

@@ -150,7 +150,6 @@ def train_ddpm(
 
     gen = torch.Generator("cpu").manual_seed(seed)
     sched = noise_scheduler()
-    alphas = sched.alphas_cumprod.to(device)
     data = images.to(device, torch.float32)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     averager = None
@@ -170,8 +169,7 @@ def train_ddpm(
             t = torch.randint(n_t, (batch_size,), generator=gen)
         noise = torch.randn(x0.shape, generator=gen).to(device)
         t = t.to(device)
-        a = alphas[t].view(-1, 1, 1, 1)
-        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        xt = sched.add_noise(x0, noise, t)
         loss = F.mse_loss(model(xt, t).sample, noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -163,8 +163,14 @@ def read_meta(directory: str | Path) -> dict[str, Any]:
 
 
 def load_unet(directory: str | Path, device: torch.device | str = "cpu") -> UNet2DModel:
-    """Load a model saved by :func:`save_unet`, pruned or not."""
+    """Load a model saved by :func:`save_unet`, pruned or not; a plain diffusers ``UNet2DModel`` folder
+    (``config.json`` + weights, or a pipeline folder with ``unet/``) loads with ``from_pretrained``."""
     directory = Path(directory)
+    if not (directory / CONFIG_NAME).exists():
+        for folder in (directory, directory / "unet"):
+            if (folder / "config.json").exists():
+                return UNet2DModel.from_pretrained(str(folder)).to(device)
+        raise FileNotFoundError(f"{directory}: no {CONFIG_NAME} (datacredit) or config.json (diffusers)")
     doc = json.loads((directory / CONFIG_NAME).read_text())
     if doc.get("format") != "datacredit-unet":
         raise ValueError(f"{directory / CONFIG_NAME} is not a datacredit UNet description")

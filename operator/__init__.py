@@ -1,0 +1,1 @@
+"""The Kubernetes operator (kopf): Job rendering, reconcile decisions, status, metrics and handlers."""

@@ -479,6 +479,16 @@ def allowed(
     return bool(api.create_subject_access_review(review).status.allowed)
 
 
+def adopt_crd(extensions: client.ApiextensionsV1Api) -> None:
+    """Let the release take over a ValuationRun CRD that other tests created (Helm adopts what carries its
+    ownership metadata); deleting it would delete their runs."""
+    name = "valuationruns.datacredit.dev"
+    if extensions.list_custom_resource_definition(field_selector=f"metadata.name={name}").items:
+        owner = {"meta.helm.sh/release-name": RELEASE, "meta.helm.sh/release-namespace": NAMESPACE}
+        patch = {"metadata": {"labels": {"app.kubernetes.io/managed-by": "Helm"}, "annotations": owner}}
+        extensions.patch_custom_resource_definition(name, patch)
+
+
 @pytest.mark.controlplane
 def test_chart_on_api_server(control_plane: ControlPlane, tmp_path: Path) -> None:
     """helm install into a real API server: restricted pods admitted, RBAC as intended, CRD kept on uninstall."""
@@ -489,6 +499,7 @@ def test_chart_on_api_server(control_plane: ControlPlane, tmp_path: Path) -> Non
     with control_plane.api_client() as api_client:
         core = client.CoreV1Api(api_client)
         core.patch_namespace(NAMESPACE, {"metadata": {"labels": {"pod-security.kubernetes.io/enforce": "restricted"}}})
+        adopt_crd(client.ApiextensionsV1Api(api_client))
         # A namespaced release (its CRD kept on uninstall) and a cluster-wide one that reuses the CRD.
         install = [
             helm,

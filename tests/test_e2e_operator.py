@@ -11,6 +11,7 @@ import copy
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 import urllib.request
@@ -239,8 +240,7 @@ def _delete(api: client.ApiClient, name: str) -> None:
 
 @pytest.mark.timeout(1800)
 def test_run_succeeds_with_local_values_columns_and_cleanup(
-    api: client.ApiClient, operator: Operator, s3_server: S3Server, tiny_data: TinyData,
-    monkeypatch: pytest.MonkeyPatch,
+    api: client.ApiClient, operator: Operator, s3_server: S3Server, tiny_data: TinyData, tmp_path: Path,
 ) -> None:
     doc = _manifest(tiny_data, s3_server, "tiny-kernel", estimator="kernel", budget=8)
     started = time.monotonic()
@@ -267,17 +267,21 @@ def test_run_succeeds_with_local_values_columns_and_cleanup(
     for name, value in _values(shapley).items():
         assert by_status[name] == pytest.approx(value, abs=1e-7)
 
-    # the same manifest, run by the local executor, gives the same values
-    from datacredit.local import execute
-
-    for key, value in s3_server.env().items():
-        monkeypatch.setenv(key, value)
+    # the same manifest, run by the local executor (`datacredit run`, one torch thread per process as in the
+    # pods, so the floating-point work is the same), gives the same values
+    manifest = tmp_path / "tiny-kernel.yaml"
+    manifest.write_text(yaml.safe_dump(doc))
+    env = {**os.environ, **s3_server.env(), "OMP_NUM_THREADS": "1", "DATACREDIT_THREADS": "1"}
     local_started = time.monotonic()
-    local = execute(parse_manifest(doc), workers=2).results
-    print(f"[e2e] local executor, same manifest: {time.monotonic() - local_started:.1f}s")
+    subprocess.run([str(Path(sys.executable).parent / "datacredit"), "run", str(manifest), "--workers", "2"],
+                   env=env, check=True, timeout=RUN_TIMEOUT_S, stdout=subprocess.DEVNULL)
+    print(f"[e2e] local executor (datacredit run), same manifest: {time.monotonic() - local_started:.1f}s")
+    local_run = parse_manifest(doc)
+    local_store = S3Storage(run_uri(local_run), S3Options(endpoint=s3_server.endpoint), client=s3_server.client())
+    local = read_json(local_store, "results/shapley.json")
     names = sorted(CONTRIBUTORS)
     np.testing.assert_allclose([_values(shapley)[n] for n in names], [_values(local)[n] for n in names],
-                               rtol=1e-5, atol=1e-6)
+                               rtol=1e-6, atol=1e-9)
 
     # (6) printer columns, as `kubectl get valuationruns` shows them (the API's Table form)
     response = api.call_api(f"/apis/{GROUP}/{VERSION}/namespaces/{NS}/{PLURAL}", "GET",

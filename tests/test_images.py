@@ -141,7 +141,7 @@ def test_operator_image(tmp_path: Path) -> None:
     replay_pip_runs(dockerfile, stage_context(dockerfile, tmp_path / "root"), env_dir)
     python = env_dir / "bin" / "python"
     probe = (
-        "import importlib.util, datacredit.operator, datacredit.cli, kopf, kubernetes, prometheus_client\n"
+        "import importlib.util, datacredit.cli, datacredit.operator.handlers, datacredit.operator.main\n"
         "heavy = [m for m in ('torch', 'diffusers', 'torch_pruning') if importlib.util.find_spec(m)]\n"
         "assert not heavy, f'the operator image must stay slim, found {heavy}'\n"
     )

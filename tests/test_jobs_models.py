@@ -123,3 +123,13 @@ def test_ddim_sampling_is_deterministic():
     assert not torch.equal(a, sample_ddim(model, 6, steps=3, seed=2))
     c = sample_ddim(model, 4, steps=3, seed=1, eta=1.0, batch_size=2)
     torch.testing.assert_close(c, sample_ddim(model, 4, steps=3, seed=1, eta=1.0, batch_size=4))
+
+
+def test_load_plain_diffusers_folder(tmp_path):
+    model = _tiny()
+    model.save_pretrained(tmp_path / "pipe" / "unet")
+    x, t = _inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(load_unet(tmp_path / "pipe")(x, t).sample, model(x, t).sample)
+    with pytest.raises(FileNotFoundError):
+        load_unet(tmp_path / "nothing")

@@ -89,12 +89,7 @@ def test_shuffled_ask_tell_equals_estimate(method: str, tolerance: float | None)
 
 def test_converged_planner_stops_at_checkpoint() -> None:
     n = 8
-    p = Planner(n, 40 * n, tolerance=0.3, check_every=n)
-    u = game(n)
-    while not p.done:
-        batch = p.ask(1000)
-        assert len(batch) > 0
-        p.tell_many(batch, u(batch))
+    p = finish(Planner(n, 40 * n, tolerance=0.3, check_every=n), game(n))
     res = p.estimate()
     assert res.converged and res.stop_reason == StopReason.CONVERGED
     assert res.n_evaluations < 40 * n and len(p.ask(1)) == 0
@@ -152,10 +147,7 @@ def test_from_table_resumes_to_the_same_estimate(tmp_path) -> None:
     assert any((again == z).all(axis=1).any() for z in batch[25:])  # lost ones are asked again
     for z in resumed.pending:  # the 5 still running plus everything just asked
         resumed.tell(z, u(z[None])[0])
-    while not resumed.done:
-        more = resumed.ask(1000)
-        resumed.tell_many(more, u(more))
-    assert same(resumed.estimate(), reference)
+    assert same(finish(resumed, u).estimate(), reference)
     assert same(
         Planner.from_table([(z, u(z[None])[0]) for z in reference_rows(kwargs, u)], **kwargs).estimate(), reference
     )
@@ -163,10 +155,7 @@ def test_from_table_resumes_to_the_same_estimate(tmp_path) -> None:
 
 def reference_rows(kwargs: dict, u) -> np.ndarray:
     """The coalitions an uninterrupted run evaluates."""
-    p = Planner(**kwargs)
-    while not p.done:
-        batch = p.ask(1000)
-        p.tell_many(batch, u(batch))
+    p = finish(Planner(**kwargs), u)
     return p.sequence[: p.estimate().n_evaluations]
 
 
@@ -191,10 +180,5 @@ def test_skipped_coalition_unblocks_checkpoint_and_done() -> None:
     assert len(p.ask(1)) == 0  # the last one before the checkpoint failed
     p.skip(first[-1])
     assert len(p.pending) == 0
-    for _ in range(100):  # bounded: a planner that never finishes fails the test instead of hanging
-        batch = p.ask(1000)
-        p.tell_many(batch, u(batch))
-        if p.done:
-            break
-    res = p.estimate()
+    res = finish(p, u).estimate()
     assert res.stop_reason == StopReason.BUDGET and res.n_coalitions == len(p.sequence) - 1

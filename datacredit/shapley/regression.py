@@ -10,14 +10,14 @@ per-unit influences, centred within strata, with a degrees-of-freedom correction
 
 from __future__ import annotations
 
+import warnings
 from typing import NamedTuple
 
 import numpy as np
-from scipy import stats
+from scipy import linalg, sparse, stats
 
 from datacredit.shapley.result import Z95
 from datacredit.shapley.sizes import MAX_SIZE_BASIS, size_basis, size_class
-from datacredit.shapley.table import coalition_key
 
 
 class Fit(NamedTuple):
@@ -38,13 +38,12 @@ def t_stderr(var: np.ndarray, dof: int) -> np.ndarray:
 
 
 def pair_units(members: np.ndarray) -> np.ndarray:
-    """Unit id per row: a row and its complement share the id of whichever came first."""
-    first: dict[bytes, int] = {}
-    units = np.empty(len(members), dtype=int)
-    for j, mask in enumerate(members):
-        units[j] = first.get(coalition_key(~mask), j)
-        first.setdefault(coalition_key(mask), j)
-    return np.unique(units, return_inverse=True)[1]
+    """Unit id per row (0 .. U-1): a row and its complement share one id."""
+    if len(members) == 0:
+        return np.zeros(0, dtype=int)
+    packed = np.packbits(members ^ members[:, :1], axis=1)  # the pair member without player 0
+    keys = np.ascontiguousarray(packed).view(np.dtype((np.void, packed.shape[1]))).ravel()
+    return np.unique(keys, return_inverse=True)[1]
 
 
 def class_weights(classes: np.ndarray, class_mass: np.ndarray) -> np.ndarray:
@@ -92,16 +91,13 @@ def stratified_wls(
         a, d = constraint
         kkt[:p, p] = kkt[p, :p] = a
         rhs[p] = d
-    u, sv, vt = np.linalg.svd(kkt)
-    rank = int(np.sum(sv > sv.max(initial=0.0) * max(kkt.shape) * np.finfo(float).eps))
-    inverse = (vt[:rank].T / sv[:rank]) @ u[:, :rank].T
+    inverse, rank = _inverse(kkt)
     beta = inverse[:p] @ rhs
     solve = transform @ inverse[:p]
     resid = y - X @ beta
     influence = solve[:, :p] @ (X.T * (weights * resid))  # (n, k): each row's contribution
     n_units = int(units.max()) + 1 if k else 0
-    per_unit = np.zeros((transform.shape[0], n_units))
-    np.add.at(per_unit.T, units, influence.T)
+    per_unit = (sparse.csr_matrix((np.ones(k), (units, np.arange(k))), shape=(n_units, k)) @ influence.T).T
     unit_stratum = np.zeros(n_units, dtype=int)
     unit_stratum[units] = strata
     var = np.zeros(transform.shape[0])
@@ -116,3 +112,15 @@ def stratified_wls(
     if dof >= 1:
         var *= n_units / dof
     return Fit(transform @ beta, var, dof, solve, resid)
+
+
+def _inverse(matrix: np.ndarray) -> tuple[np.ndarray, int]:
+    """Inverse and rank of a symmetric matrix; the pseudo-inverse when it is (nearly) singular."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", linalg.LinAlgWarning)
+            return linalg.solve(matrix, np.eye(len(matrix)), assume_a="sym"), len(matrix)
+    except (linalg.LinAlgError, linalg.LinAlgWarning):
+        u, sv, vt = np.linalg.svd(matrix)
+        rank = int(np.sum(sv > sv.max(initial=0.0) * max(matrix.shape) * np.finfo(float).eps))
+        return (vt[:rank].T / sv[:rank]) @ u[:, :rank].T, rank

@@ -26,9 +26,11 @@ class Estimate:
     """Per-contributor values with uncertainty.
 
     ``stderr`` is scaled so that ``values ± 1.96 * stderr`` is the method's 95% interval (a Student-t
-    interval on few design units is wider than the normal one; the scaling folds that in). Noise of
-    the utility is included for the sampling methods; ``exact`` and ``loo`` only see it when some
-    coalitions were evaluated more than once (zeros otherwise).
+    interval on few design units is wider than the normal one; the scaling folds that in); it is inf
+    while the design has fewer units than parameters. Utility noise is part of the standard errors
+    of the sampling methods; ``kernel`` also adds the noise of v(∅) and v(N), which every value
+    shares. ``exact`` and ``loo`` see noise only through coalitions evaluated more than once (their
+    standard errors are zero otherwise). ``n_coalitions`` counts the distinct coalitions used.
     """
 
     values: np.ndarray
