@@ -7,10 +7,12 @@ ENV_KEY := $(shell cat pyproject.toml requirements/constraints.txt 2>/dev/null |
 VENV ?= $(CACHE)/venv-$(ENV_KEY)
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --cache-dir $(CACHE)/pip --disable-pip-version-check
+REGISTRY ?= registry.example.com
+IMAGE_TAG ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 export DATACREDIT_CACHE := $(CACHE)
 export PATH := $(VENV)/bin:$(PATH)
 
-.PHONY: help install binaries demo demo-quick test test-fast lint format crds dashboards images bench clean
+.PHONY: help install binaries demo demo-quick test test-fast lint crds dashboards images push-images bench clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -37,13 +39,25 @@ test: install binaries ## every test tier: unit, workload, storage (MinIO), cont
 	$(PY) -m pytest -ra -p no:cacheprovider tests
 
 test-fast: install ## unit tests only (no torch workloads, no servers)
-	$(PY) -m pytest -ra -p no:cacheprovider -m "not workload and not s3 and not controlplane and not chart and not observability" tests
+	$(PY) -m pytest -ra -p no:cacheprovider -m "not workload and not s3 and not controlplane and not chart and not observability and not images" tests
 
 lint: install ## ruff
-	$(VENV)/bin/ruff check datacredit jobs operator tests benchmarks hack
+	$(VENV)/bin/ruff check datacredit jobs operator tests benchmarks dashboards
 
-crds: install ## regenerate crds/ from the spec model
+crds: install ## regenerate crds/ from the spec model (and the chart's copy)
 	$(PY) -m datacredit.crd > crds/valuationruns.datacredit.dev.yaml
+	cp crds/valuationruns.datacredit.dev.yaml charts/datacredit/crds-src/valuationruns.yaml
+
+dashboards: install ## regenerate the Grafana dashboards (charts/datacredit/dashboards/*.json)
+	$(PY) dashboards/generate.py
+
+images: ## build the operator and worker images (needs Docker)
+	docker build -f images/operator.Dockerfile -t $(REGISTRY)/datacredit-operator:$(IMAGE_TAG) .
+	docker build -f images/worker.Dockerfile -t $(REGISTRY)/datacredit-worker:$(IMAGE_TAG) .
+
+push-images: images ## push both images to $(REGISTRY)
+	docker push $(REGISTRY)/datacredit-operator:$(IMAGE_TAG)
+	docker push $(REGISTRY)/datacredit-worker:$(IMAGE_TAG)
 
 bench: install ## estimator benchmark (full)
 	$(PY) benchmarks/estimators.py

@@ -211,11 +211,9 @@ def operator_cmd(
 @app.command()
 def crd() -> None:
     """Print the ValuationRun CustomResourceDefinition generated from the spec model."""
-    import yaml
+    from .crd import crd_yaml
 
-    from .crd import build_crd
-
-    out.print(yaml.safe_dump(build_crd(), sort_keys=False), end="", markup=False, highlight=False)
+    sys.stdout.write(crd_yaml())
 
 
 def main() -> None:

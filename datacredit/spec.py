@@ -155,7 +155,7 @@ class ExecutionSpec(_Model):
     """Where and how the worker steps run."""
 
     parallelism: Annotated[int, Field(ge=1, le=1024, description="Coalitions evaluated at once.")] = 2
-    image: Annotated[str, Field(min_length=1)] = "ghcr.io/datacredit/datacredit-worker:0.1.0"
+    image: Annotated[str, Field(min_length=1)] = "registry.example.com/datacredit-worker:0.1.0"
     resources: Resources = Resources()
     node_selector: dict[str, str] = {}
     tolerations: list[dict[str, Any]] = []

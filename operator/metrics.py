@@ -8,11 +8,12 @@ import threading
 from collections.abc import Mapping
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, start_http_server
 
 from datacredit import __version__
 
 REGISTRY = CollectorRegistry()
+ProcessCollector(registry=REGISTRY)  # process_resident_memory_bytes, process_cpu_seconds_total
 COALITION_PHASES = ("Planned", "Queued", "Running", "Succeeded", "Failed")
 RUN_PHASES = ("Pending", "Preparing", "Evaluating", "Suspended", "Succeeded", "Failed")
 STAGES = ("finetune", "sample", "property", "total")
