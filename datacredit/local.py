@@ -36,10 +36,7 @@ class Outcome:
 
 
 def _init_worker(threads: int) -> None:
-    os.environ["OMP_NUM_THREADS"] = str(threads)
-    import torch
-
-    torch.set_num_threads(threads)
+    os.environ["OMP_NUM_THREADS"] = os.environ["DATACREDIT_THREADS"] = str(threads)
 
 
 def _coalition_task(run_uri: str, s3: dict[str, Any], members: list[int], attempt: int) -> dict[str, Any]:

@@ -250,7 +250,7 @@ def download_dir(store: Storage, prefix: str, directory: Path) -> Path:
         shutil.rmtree(directory)
     directory.mkdir(parents=True)
     for key in store.list(prefix):
-        dest = directory / key[len(prefix) + 1 :]
+        dest = directory / (key[len(prefix) + 1 :] if prefix else key)
         dest.parent.mkdir(parents=True, exist_ok=True)
         dest.write_bytes(store.read_bytes(key))
     return directory

@@ -32,8 +32,13 @@ def seed_everything(seed: int) -> torch.Generator:
 
 
 def set_threads(n: int | None = None) -> int:
-    """Set torch's intra-op threads (default: ``DATACREDIT_THREADS`` or all visible cores); return it."""
+    """Set torch's intra-op threads (default: ``DATACREDIT_THREADS``, else 1); return it.
+
+    One thread is the default because OpenMP's spinning barriers make multi-threaded CPU training many
+    times slower as soon as another process competes for the cores (parallel coalitions, the control
+    plane in tests); on a GPU the CPU thread count hardly matters.
+    """
     if n is None:
-        n = int(os.environ.get("DATACREDIT_THREADS", "0")) or len(os.sched_getaffinity(0))
+        n = int(os.environ.get("DATACREDIT_THREADS", "0")) or 1
     torch.set_num_threads(max(1, n))
     return torch.get_num_threads()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import os
 import platform
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from datacredit.ids import coalition_id, contributor_id
 from datacredit.spec import SpecError, ValuationRun, parse_manifest
 from datacredit.storage import S3Options, Storage, download_dir, open_storage, read_json, upload_dir, write_json
 
+from .device import set_threads
 from .images import decode_check, decode_image, save_grid
 from .pipeline import coalition_utility, prepare_sparsified
 from .properties import get_property
@@ -60,7 +62,18 @@ def _local_copy(store: Storage, prefix: str, tag: str) -> Path:
 
     if isinstance(store, LocalStorage):
         return store.root / prefix
-    return download_dir(store, prefix, _cache_root() / tag / prefix.replace("/", "_"))
+    final = _cache_root() / tag / prefix.replace("/", "_")
+    if final.is_dir():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=".dl-"))
+    download_dir(store, prefix, tmp / "d")
+    try:
+        os.replace(tmp / "d", final)  # atomic; another process may have won the race, which is fine
+    except OSError:
+        shutil.rmtree(tmp / "d", ignore_errors=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return final
 
 
 def _fetch_model_dir(uri: str, options: S3Options) -> Path:
@@ -70,8 +83,7 @@ def _fetch_model_dir(uri: str, options: S3Options) -> Path:
         if not path.is_dir():
             raise DatasetError(f"model.checkpoint: {uri} is not a folder")
         return path
-    src = open_storage(uri, options)
-    return download_dir(src, "", _cache_root() / ("ckpt-" + contributor_id(uri)))
+    return _local_copy(open_storage(uri, options), "", "ckpt-" + contributor_id(uri))
 
 
 def _load_checkpoint(path: Path) -> torch.nn.Module:
@@ -151,6 +163,7 @@ def run_prepare(run_uri: str, *, options: S3Options | None = None, progress: boo
     store = open_storage(run_uri, options)
     if store.exists(layout.PREPARE_RESULT):
         return read_json(store, layout.PREPARE_RESULT)
+    set_threads()
     run = _load_run(store)
     seconds: dict[str, float] = {}
     t0 = time.monotonic()
@@ -239,7 +252,7 @@ def _prepared(run_uri: str, options: S3Options) -> _Prepared:
     run = _load_run(store)
     with np.load(io.BytesIO(store.read_bytes(layout.DATASET))) as z:
         images, owner = z["images"], z["owner"]
-    tag = contributor_id(run_uri)
+    tag = contributor_id(run_uri + store.read_bytes(layout.PREPARE_RESULT).decode())  # new prepare, new copy
     return _Prepared(run, read_json(store, layout.MANIFEST), _to_tensor(images), owner,
                      _local_copy(store, layout.SPARSIFIED, tag), _local_copy(store, layout.PROPERTY_CACHE, tag))
 
@@ -248,6 +261,7 @@ def run_coalition(run_uri: str, members: list[int], *, attempt: int = 1,
                   options: S3Options | None = None) -> dict[str, Any]:
     """The coalition step; idempotent: an existing result.json is returned as is."""
     options = options or S3Options()
+    set_threads()
     store = open_storage(run_uri, options)
     p = _prepared(run_uri, options)
     contributors = p.manifest["contributors"]
