@@ -12,7 +12,7 @@ IMAGE_TAG ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 export DATACREDIT_CACHE := $(CACHE)
 export PATH := $(VENV)/bin:$(PATH)
 
-.PHONY: help install binaries demo demo-quick test test-fast lint crds dashboards images push-images bench clean
+.PHONY: help install binaries demo demo-quick test test-fast lint crds dashboards images push-images bench bench-quick clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -59,8 +59,11 @@ push-images: images ## push both images to $(REGISTRY)
 	docker push $(REGISTRY)/datacredit-operator:$(IMAGE_TAG)
 	docker push $(REGISTRY)/datacredit-worker:$(IMAGE_TAG)
 
-bench: install ## estimator benchmark (full)
-	$(PY) benchmarks/estimators.py
+bench: install ## estimator benchmark (full, ~6 minutes): writes benchmarks/results/estimators.json
+	$(PY) benchmarks/estimators.py --out benchmarks/results/estimators.json
+
+bench-quick: install ## estimator benchmark at a small size (CI)
+	$(PY) benchmarks/estimators.py --quick
 
 clean: ## remove local run outputs
 	rm -rf demo-run demo-quick .pytest_cache
