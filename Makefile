@@ -6,7 +6,8 @@ CACHE ?= $(HOME)/.cache/datacredit
 ENV_KEY := $(shell cat pyproject.toml requirements/constraints.txt 2>/dev/null | sha256sum | cut -c1-12)
 VENV ?= $(CACHE)/venv-$(ENV_KEY)
 PY := $(VENV)/bin/python
-PIP := $(PY) -m pip --cache-dir $(CACHE)/pip --disable-pip-version-check
+# Console scripts, never `python -m` from the repo root: there ./operator/ would shadow the stdlib's operator.
+PIP := $(VENV)/bin/pip --cache-dir $(CACHE)/pip --disable-pip-version-check
 REGISTRY ?= registry.example.com
 IMAGE_TAG ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 export DATACREDIT_CACHE := $(CACHE)
@@ -36,16 +37,16 @@ demo-quick: install ## the same at toy size, about a minute
 	$(VENV)/bin/datacredit demo --quick --dir demo-quick
 
 test: install binaries ## every test tier: unit, workload, storage (MinIO), control plane, chart, observability
-	$(PY) -m pytest -ra -p no:cacheprovider tests
+	$(VENV)/bin/pytest -ra -p no:cacheprovider tests
 
 test-fast: install ## unit tests only (no torch workloads, no servers)
-	$(PY) -m pytest -ra -p no:cacheprovider -m "not workload and not s3 and not controlplane and not chart and not observability and not images" tests
+	$(VENV)/bin/pytest -ra -p no:cacheprovider -m "not workload and not s3 and not controlplane and not chart and not observability and not images" tests
 
 lint: install ## ruff
 	$(VENV)/bin/ruff check datacredit jobs operator tests benchmarks dashboards
 
 crds: install ## regenerate crds/ from the spec model (and the chart's copy)
-	$(PY) -m datacredit.crd > crds/valuationruns.datacredit.dev.yaml
+	$(VENV)/bin/datacredit crd > crds/valuationruns.datacredit.dev.yaml
 	cp crds/valuationruns.datacredit.dev.yaml charts/datacredit/crds-src/valuationruns.yaml
 
 dashboards: install ## regenerate the Grafana dashboards (charts/datacredit/dashboards/*.json)

@@ -219,3 +219,7 @@ def crd() -> None:
 def main() -> None:
     """Entry point."""
     app()
+
+
+if __name__ == "__main__":
+    main()
