@@ -15,7 +15,7 @@ from datacredit.spec import ValuationRunSpec
 ROOT = Path(__file__).resolve().parents[1]
 COMMITTED = [ROOT / "crds" / "valuationruns.datacredit.dev.yaml", ROOT / "charts" / "datacredit" / "crds-src" /
              "valuationruns.yaml"]
-REGENERATE = "python -m datacredit.crd > crds/valuationruns.datacredit.dev.yaml && cp crds/... charts/..."
+REGENERATE = "run `make crds` (datacredit crd > crds/...yaml, copied into the chart)"
 
 
 @pytest.mark.parametrize("path", COMMITTED, ids=lambda p: str(p.relative_to(ROOT)))
