@@ -119,7 +119,7 @@ def _load_dataset(run: ValuationRun, options: S3Options) -> tuple[np.ndarray, np
             if problem:
                 skipped.append({"path": key, "contributor": name, "reason": problem})
                 continue
-            images.append(decode_image(blob, size, channels))
+            images.append(_u8(decode_image(blob, size, channels)))
             owner.append(idx)
             kept += 1
         contributors.append({"name": name, "id": contributor_id(name), "images": kept})
@@ -131,7 +131,13 @@ def _load_dataset(run: ValuationRun, options: S3Options) -> tuple[np.ndarray, np
     return np.stack(images), np.asarray(owner, dtype=np.int32), table
 
 
+def _u8(image: np.ndarray) -> np.ndarray:
+    """A decoded image in [-1, 1] as uint8 (what dataset.npz stores)."""
+    return np.clip(np.rint((image + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
 def _to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 images as float in [-1, 1]."""
     return torch.from_numpy(images).float().div(127.5).sub(1.0)
 
 
@@ -152,7 +158,7 @@ def _reference(run: ValuationRun, options: S3Options) -> tuple[torch.Tensor, np.
     for k in keys:
         blob = store.read_bytes(k)
         if decode_check(blob) is None:
-            imgs.append(decode_image(blob, size, channels))
+            imgs.append(_u8(decode_image(blob, size, channels)))
             labels.append(classes.index(k.split("/", 1)[0]))
     return _to_tensor(np.stack(imgs)), np.asarray(labels)
 
