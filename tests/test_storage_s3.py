@@ -53,7 +53,7 @@ def test_wrong_credentials_and_missing_bucket(s3_server: S3Server, s3_env: S3Opt
 
 @pytest.mark.workload
 def test_tiny_run_on_s3(s3_server: S3Server, s3_env: S3Options, tiny_data: TinyData, tmp_path: Path) -> None:
-    """Data and run both in S3: the same values as the same run on local disk."""
+    """Data and run in S3: the same values as the same manifest with the run stored on local disk."""
     s3_server.make_bucket("tiny")
     data = open_storage("s3://tiny/data", s3_env)
     upload_dir(data, "images", tiny_data.images)
@@ -67,8 +67,10 @@ def test_tiny_run_on_s3(s3_server: S3Server, s3_env: S3Options, tiny_data: TinyD
     assert len([k for k in store.list("coalitions") if k.endswith("result.json")]) == 16
     assert read_json(store, layout.MANIFEST)["skipped"][0]["path"] == tiny_data.corrupt
 
-    local = parse_manifest(tiny_manifest("tiny-s3", str(tiny_data.images), str(tiny_data.reference),
-                                         {"uri": str(tmp_path)}))
+    # the same manifest with the run stored on local disk (storage is not part of the config): same values
+    local = parse_manifest(tiny_manifest("tiny-s3", "s3://tiny/data/images", "s3://tiny/data/reference",
+                                         {**storage, "uri": str(tmp_path)}))
+    assert local.config_hash() == run.config_hash()
     local_doc = execute(local).results
     assert {r["name"]: r["value"] for r in doc["contributors"]} == pytest.approx(
         {r["name"]: r["value"] for r in local_doc["contributors"]}, abs=1e-9)
