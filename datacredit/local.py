@@ -84,7 +84,7 @@ def execute(run: ValuationRun, *, workers: int | None = None, console: Console |
     max_attempts = run.spec.execution.max_attempts_per_coalition
     attempts: dict[str, int] = {}
     failed: list[str] = []
-    pending: dict[Future[dict[str, Any]], np.ndarray] = {}
+    pending: dict[Future[dict[str, Any]], tuple[np.ndarray, str]] = {}
     told: list[tuple[np.ndarray, float]] = []
     done_before = 0
 
@@ -96,11 +96,10 @@ def execute(run: ValuationRun, *, workers: int | None = None, console: Console |
         with Progress(*columns, console=console, transient=False) as bar:
             task = bar.add_task("coalitions", total=len(planner.sequence), top="")
 
-            def submit(coal: np.ndarray) -> None:
-                cid = coalition_id([ids[i] for i in np.flatnonzero(coal)], ref.config_hash)
+            def submit(coal: np.ndarray, cid: str) -> None:
                 attempts[cid] = attempts.get(cid, 0) + 1
                 fut = pool.submit(_coalition_task, ref.uri, s3, member_indices(coal), attempts[cid])
-                pending[fut] = coal
+                pending[fut] = (coal, cid)
 
             while True:
                 while len(pending) < parallel:
@@ -115,19 +114,18 @@ def execute(run: ValuationRun, *, workers: int | None = None, console: Console |
                         done_before += 1
                         bar.update(task, advance=1)
                         continue
-                    submit(coal)
+                    submit(coal, cid)
                 if not pending:
                     break
                 finished, _ = wait(list(pending), return_when=FIRST_COMPLETED)
                 for fut in finished:
-                    coal = pending.pop(fut)
-                    cid = coalition_id([ids[i] for i in np.flatnonzero(coal)], ref.config_hash)
+                    coal, cid = pending.pop(fut)
                     try:
                         res = fut.result()
                     except Exception as e:  # noqa: BLE001 - a failed attempt is reported and retried
                         console.print(f"[yellow]coalition {cid} attempt {attempts[cid]} failed:[/] {e}")
                         if attempts[cid] < max_attempts:
-                            submit(coal)
+                            submit(coal, cid)
                             continue
                         failed.append(cid)
                         planner.skip(coal)  # left out of the estimate; the run goes on without it

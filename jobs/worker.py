@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from datacredit import __version__, layout
-from datacredit.dataset import DatasetError, discover
+from datacredit.dataset import IMAGE_SUFFIXES, DatasetError, discover
 from datacredit.ids import coalition_id, contributor_id
 from datacredit.spec import SpecError, ValuationRun, parse_manifest
 from datacredit.storage import S3Options, Storage, download_dir, open_storage, read_json, upload_dir, write_json
@@ -87,15 +87,11 @@ def _fetch_model_dir(uri: str, options: S3Options) -> Path:
 
 
 def _load_checkpoint(path: Path) -> torch.nn.Module:
-    """A diffusers UNet2DModel folder (config.json, or a pipeline folder with unet/) or one saved by us."""
-    from diffusers import UNet2DModel
-
-    for folder in (path, path / "unet"):
-        if (folder / "config.json").is_file():
-            return UNet2DModel.from_pretrained(folder)
-    if (path / "model").is_dir() or (path / "model.json").is_file():
+    """A diffusers UNet2DModel folder (or pipeline folder with unet/) or one saved by datacredit."""
+    try:
         return Checkpoint.load(path).inference_model
-    raise DatasetError(f"model.checkpoint: {path} holds neither a diffusers config.json nor a datacredit model")
+    except FileNotFoundError as e:
+        raise DatasetError(f"model.checkpoint: {e}") from None
 
 
 # ---------------------------------------------------------------- prepare
@@ -149,7 +145,7 @@ def _reference(run: ValuationRun, options: S3Options) -> tuple[torch.Tensor, np.
                                       f"required by property {run.spec.property.name!r}: held-out real images, "
                                       "one subfolder per class")])
     store = open_storage(uri, options)
-    keys = [k for k in store.list() if k.lower().endswith((".png", ".jpg", ".jpeg")) and "/" in k]
+    keys = [k for k in store.list() if k.lower().endswith(IMAGE_SUFFIXES) and "/" in k]
     if not keys:
         raise DatasetError(f"property.reference: no images in class subfolders under {uri}")
     classes = sorted({k.split("/", 1)[0] for k in keys})
@@ -245,8 +241,8 @@ class _Prepared:
     manifest: dict[str, Any]
     images: torch.Tensor
     owner: np.ndarray
-    model_dir: Path
-    property_dir: Path
+    sparsified: Checkpoint
+    prop: Any  # the run's property, fitted in prepare and loaded from its cache
 
 
 @lru_cache(maxsize=2)
@@ -259,8 +255,10 @@ def _prepared(run_uri: str, options: S3Options) -> _Prepared:
     with np.load(io.BytesIO(store.read_bytes(layout.DATASET))) as z:
         images, owner = z["images"], z["owner"]
     tag = contributor_id(run_uri + store.read_bytes(layout.PREPARE_RESULT).decode())  # new prepare, new copy
+    prop = get_property(run.spec.property.name)
+    prop.fit(None, None, _local_copy(store, layout.PROPERTY_CACHE, tag), seed=run.spec.seed)
     return _Prepared(run, read_json(store, layout.MANIFEST), _to_tensor(images), owner,
-                     _local_copy(store, layout.SPARSIFIED, tag), _local_copy(store, layout.PROPERTY_CACHE, tag))
+                     Checkpoint.load(_local_copy(store, layout.SPARSIFIED, tag)), prop)
 
 
 def run_coalition(run_uri: str, members: list[int], *, attempt: int = 1,
@@ -282,11 +280,9 @@ def run_coalition(run_uri: str, members: list[int], *, attempt: int = 1,
     s = p.run.spec
     seed = s.seed + int(cid[1:9], 16) % 1_000_000  # per-coalition, stable across executors and attempts
 
-    prop = get_property(s.property.name)
-    prop.fit(None, None, p.property_dir, seed=s.seed)
     mask = torch.from_numpy(np.isin(p.owner, sorted(members)))
     ft = s.method.finetune
-    out = coalition_utility(Checkpoint.load(p.model_dir), p.images[mask], prop, steps=ft.steps,
+    out = coalition_utility(p.sparsified, p.images[mask], p.prop, steps=ft.steps,
                             lr=ft.learning_rate, batch_size=ft.batch_size, n_samples=s.property.samples,
                             ddim_steps=s.method.sampler.steps, seed=seed)
     utility, samples, seconds = out.utility, out.samples, dict(out.seconds)
