@@ -39,6 +39,18 @@ SPEC_RULES: dict[str, list[dict[str, str]]] = {
             "fieldPath": ".manifest",
         }
     ],
+    "model": [
+        {
+            "rule": "self.family != 'ldm' || (has(self.autoencoder) && size(self.autoencoder) > 0)",
+            "message": "family 'ldm' needs model.autoencoder: a diffusers VQModel folder (path or s3:// URI)",
+            "fieldPath": ".autoencoder",
+        },
+        {
+            "rule": "self.family != 'sd-lora' || (has(self.checkpoint) && size(self.checkpoint) > 0)",
+            "message": "family 'sd-lora' needs model.checkpoint: a Stable Diffusion pipeline folder",
+            "fieldPath": ".checkpoint",
+        },
+    ],
     "model.architecture": [
         {
             "rule": "self.blockOutChannels.all(w, w % 8 == 0)",

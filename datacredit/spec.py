@@ -52,15 +52,51 @@ class TrainSpec(_Model):
     batch_size: Annotated[int, Field(ge=1, le=65536)] = 64
 
 
+class LoraSpec(_Model):
+    """The LoRA adapter of family sd-lora (peft), trained on all contributors."""
+
+    rank: Annotated[int, Field(ge=1, le=4096, description="LoRA rank r (the paper: 256).")] = 16
+    alpha: Annotated[float | None, Field(gt=0, description="LoRA alpha; empty: equal to the rank.")] = None
+    target_modules: Annotated[
+        list[Annotated[str, Field(min_length=1)]],
+        Field(min_length=1, description="UNet module names the adapter wraps (attention projections)."),
+    ] = ["to_q", "to_k", "to_v", "to_out.0"]
+    checkpoint: Annotated[
+        str | None,
+        Field(description="The LoRA trained on all contributors (peft folder, path or s3:// URI). Empty: train it."),
+    ] = None
+
+
 class ModelSpec(_Model):
     """The trained model to credit (or how to train it)."""
 
-    family: Literal["ddpm", "ldm", "sd-lora"] = "ddpm"
+    family: Annotated[
+        Literal["ddpm", "ldm", "sd-lora"],
+        Field(description="ddpm: pixel UNet; ldm: UNet on VQ-VAE latents; sd-lora: Stable Diffusion plus a LoRA."),
+    ] = "ddpm"
     checkpoint: Annotated[
-        str | None, Field(description="Diffusers model folder (path or s3:// URI). Empty: train from scratch.")
+        str | None,
+        Field(description="ddpm/ldm: diffusers UNet folder, empty to train from scratch; sd-lora: the Stable "
+                          "Diffusion pipeline folder (required). Path or s3:// URI."),
     ] = None
+    autoencoder: Annotated[
+        str | None, Field(description="ldm: the VQ-VAE (diffusers VQModel folder, path or s3:// URI).")
+    ] = None
+    lora: LoraSpec = LoraSpec()
+    prompt: Annotated[
+        str, Field(max_length=1000, description="sd-lora: caption of images without one, and the sampling prompt.")
+    ] = ""
     architecture: Architecture = Architecture()
     train: TrainSpec = TrainSpec()
+
+    @model_validator(mode="after")
+    def _family_needs(self) -> ModelSpec:
+        if self.family == "ldm" and not self.autoencoder:
+            raise ValueError("family 'ldm' needs model.autoencoder: a diffusers VQModel folder (path or s3:// URI)")
+        if self.family == "sd-lora" and not self.checkpoint:
+            raise ValueError("family 'sd-lora' needs model.checkpoint: a Stable Diffusion pipeline folder "
+                             "(path or s3:// URI)")
+        return self
 
 
 class ContributorsSpec(_Model):
@@ -83,6 +119,15 @@ class DatasetSpec(_Model):
     images: Annotated[str, Field(min_length=1, description="Folder or s3:// prefix holding PNG/JPEG images.")]
     contributors: ContributorsSpec = ContributorsSpec()
     channels: Literal[1, 3] = 1
+    resolution: Annotated[
+        int | None,
+        Field(ge=4, le=4096, description="Side in pixels images are resized to; empty: what the model works at "
+                                         "(sampleSize for ddpm, sampleSize x the autoencoder's factor otherwise)."),
+    ] = None
+    captions: Annotated[
+        Literal["none", "sidecar"],
+        Field(description="sidecar: each image's caption is in a .txt file with the same name (sd-lora)."),
+    ] = "none"
 
 
 class PropertySpec(_Model):
@@ -90,19 +135,43 @@ class PropertySpec(_Model):
 
     name: Annotated[
         PropertyName,
-        Field(min_length=1, max_length=200, description="Registered property (quality, diversity) or module:function."),
+        Field(min_length=1, max_length=200,
+              description="quality, diversity, fid, inception-score, cluster-entropy, classifier-entropy, "
+                          "aesthetic, or a user's function as module:function."),
     ] = "quality"
-    samples: Annotated[int, Field(ge=8, le=1_000_000, description="Images generated per coalition.")] = 256
+    samples: Annotated[int, Field(ge=4, le=1_000_000, description="Images generated per coalition.")] = 256
     reference: Annotated[
-        str | None, Field(description="Held-out real images (folder or s3:// prefix, one subfolder per class).")
+        str | None,
+        Field(description="Real images the property compares with (folder or s3:// prefix; class subfolders "
+                          "give labels). Empty: the training images, where the property allows it."),
     ] = None
-    weights: Annotated[str | None, Field(description="Feature-network weights (path or s3:// URI).")] = None
+    weights: Annotated[
+        str | None,
+        Field(description="Feature network (path or s3:// URI): Inception-v3 state dict (fid, inception-score), "
+                          "embedding model folder (cluster-entropy), classifier (classifier-entropy), CLIP "
+                          "vision model folder (aesthetic)."),
+    ] = None
+    head: Annotated[
+        str | None, Field(description="aesthetic: the linear head on CLIP image embeddings (state dict).")
+    ] = None
+    quantile: Annotated[
+        float | None, Field(ge=0, le=1, description="aesthetic: score quantile over samples (the paper: 0.9).")
+    ] = None
+    clusters: Annotated[
+        int | None, Field(ge=2, le=10_000, description="cluster-entropy: reference clusters (default 20).")
+    ] = None
+    options: Annotated[
+        dict[str, str],
+        Field(description="Extra string options for the property (a module:function gets them in its context)."),
+    ] = {}
 
 
 class PruneSpec(_Model):
     """Structured pruning of the full model and its fine-tuning on all data."""
 
-    ratio: Annotated[float, Field(gt=0, lt=1, description="Fraction of channels removed.")] = 0.3
+    ratio: Annotated[
+        float, Field(gt=0, lt=1, description="Fraction of channels removed (sd-lora: of LoRA rank components).")
+    ] = 0.3
     importance: Literal["magnitude"] = "magnitude"
     finetune_steps: Annotated[int, Field(ge=0, le=10_000_000)] = 400
 
@@ -120,6 +189,9 @@ class SamplerSpec(_Model):
 
     name: Literal["ddim"] = "ddim"
     steps: Annotated[int, Field(ge=1, le=1000)] = 25
+    guidance_scale: Annotated[
+        float, Field(ge=0, le=50, description="sd-lora: classifier-free guidance scale (1: none).")
+    ] = 7.5
 
 
 class MethodSpec(_Model):

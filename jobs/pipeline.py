@@ -81,10 +81,9 @@ class CoalitionResult:
     checkpoint: Checkpoint
 
 
-def coalition_utility(
+def finetune_and_sample(
     sparsified: Checkpoint,
     images: torch.Tensor,
-    prop: Any,
     *,
     steps: int = 60,
     lr: float = 2e-3,
@@ -93,9 +92,9 @@ def coalition_utility(
     ddim_steps: int = 20,
     seed: int = 0,
     sample_batch: int = 512,
-) -> CoalitionResult:
-    """v(S): fine-tune a copy of ``sparsified`` on S's ``images`` (no training for an empty S), sample from
-    the EMA weights (the raw ones without EMA) and score with the fitted property ``prop``."""
+) -> tuple[torch.Tensor, dict[str, float], Checkpoint]:
+    """Fine-tune a copy of ``sparsified`` on ``images`` (no training when empty), then sample from the EMA
+    weights (the raw ones without EMA). Returns samples, stage seconds and the fine-tuned checkpoint."""
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     start = Checkpoint(copy.deepcopy(sparsified.model), sparsified.ema)
@@ -105,7 +104,14 @@ def coalition_utility(
     t0 = time.perf_counter()
     samples = sample_ddim(result.inference_model, n_samples, ddim_steps, seed=seed, batch_size=sample_batch)
     seconds["sample"] = time.perf_counter() - t0
+    return samples, seconds, Checkpoint(result.model, result.ema)
+
+
+def coalition_utility(sparsified: Checkpoint, images: torch.Tensor, prop: Any, **kw: Any) -> CoalitionResult:
+    """v(S): :func:`finetune_and_sample` on S's ``images`` (keyword arguments go to it), scored with the
+    fitted property ``prop``."""
+    samples, seconds, checkpoint = finetune_and_sample(sparsified, images, **kw)
     t0 = time.perf_counter()
     utility = float(prop.score(samples))
     seconds["property"] = time.perf_counter() - t0
-    return CoalitionResult(utility, samples, seconds, Checkpoint(result.model, result.ema))
+    return CoalitionResult(utility, samples, seconds, checkpoint)

@@ -27,10 +27,9 @@ from datacredit.spec import SpecError, ValuationRun, parse_manifest
 from datacredit.storage import S3Options, Storage, download_dir, open_storage, read_json, upload_dir, write_json
 
 from .device import set_threads
+from .families import Assets, TrainData, get_family
 from .images import decode_check, decode_image, save_grid
-from .pipeline import coalition_utility, prepare_sparsified
-from .properties import get_property
-from .train import Checkpoint
+from .properties.registry import property_for
 
 
 def _versions() -> dict[str, str]:
@@ -76,34 +75,47 @@ def _local_copy(store: Storage, prefix: str, tag: str) -> Path:
     return final
 
 
-def _fetch_model_dir(uri: str, options: S3Options) -> Path:
-    """A local folder for a diffusers checkpoint given as a path or s3:// URI."""
+def _fetch(uri: str, field: str, options: S3Options) -> Path:
+    """A local file or folder for a model/weights URI (path, file:// or s3://; s3 is downloaded once)."""
     if not uri.startswith("s3://"):
         path = Path(uri.removeprefix("file://")).expanduser()
-        if not path.is_dir():
-            raise DatasetError(f"model.checkpoint: {uri} is not a folder")
+        if not path.exists():
+            raise DatasetError(f"{field}: {uri} does not exist")
         return path
-    return _local_copy(open_storage(uri, options), "", "ckpt-" + contributor_id(uri))
+    parent, _, name = uri.rstrip("/").rpartition("/")
+    tag = "asset-" + contributor_id(uri)
+    if name and parent != "s3:" and open_storage(parent, options).exists(name):  # a single object
+        final = _cache_root() / tag / name
+        if not final.exists():
+            final.parent.mkdir(parents=True, exist_ok=True)
+            tmp = final.with_name(f".{name}.{os.getpid()}")
+            tmp.write_bytes(open_storage(parent, options).read_bytes(name))
+            os.replace(tmp, final)
+        return final
+    store = open_storage(uri, options)
+    if not store.list():
+        raise DatasetError(f"{field}: nothing at {uri}")
+    return _local_copy(store, "", tag)
 
 
-def _load_checkpoint(path: Path) -> torch.nn.Module:
-    """A diffusers UNet2DModel folder (or pipeline folder with unet/) or one saved by datacredit."""
-    try:
-        return Checkpoint.load(path).inference_model
-    except FileNotFoundError as e:
-        raise DatasetError(f"model.checkpoint: {e}") from None
+def _assets(options: S3Options) -> Assets:
+    return Assets(lambda uri, field: _fetch(uri, field, options))
 
 
 # ---------------------------------------------------------------- prepare
 
 
-def _load_dataset(run: ValuationRun, options: S3Options) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """Decode every image once; skip and report corrupt ones; error on contributors left empty."""
+def _load_dataset(run: ValuationRun, options: S3Options, size: int
+                  ) -> tuple[np.ndarray, np.ndarray, list[str], dict[str, Any]]:
+    """Decode every image once at ``size``; skip and report corrupt ones; error on contributors left empty.
+    Captions come from sidecar .txt files (``dataset.captions: sidecar``), else ``model.prompt``."""
     spec = run.spec.dataset
     source = open_storage(spec.images, options)
     found = discover(spec, options, source)
-    size, channels = run.spec.model.architecture.sample_size, spec.channels
+    channels = spec.channels
+    sidecars = {k for k in source.list() if k.endswith(".txt")} if spec.captions == "sidecar" else set()
     images: list[np.ndarray] = []
+    captions: list[str] = []
     owner: list[int] = []
     skipped: list[dict[str, str]] = []
     contributors = []
@@ -117,6 +129,8 @@ def _load_dataset(run: ValuationRun, options: S3Options) -> tuple[np.ndarray, np
                 continue
             images.append(_u8(decode_image(blob, size, channels)))
             owner.append(idx)
+            txt = key.rsplit(".", 1)[0] + ".txt"
+            captions.append(source.read_bytes(txt).decode().strip() if txt in sidecars else run.spec.model.prompt)
             kept += 1
         contributors.append({"name": name, "id": contributor_id(name), "images": kept})
     empty = [c["name"] for c in contributors if c["images"] == 0]
@@ -124,7 +138,10 @@ def _load_dataset(run: ValuationRun, options: S3Options) -> tuple[np.ndarray, np
         raise DatasetError(f"contributor(s) left with no readable images: {', '.join(empty)} "
                            f"(see the {len(skipped)} skipped file(s) in manifest.json)")
     table = {"contributors": contributors, "skipped": skipped, "ignored": found.ignored}
-    return np.stack(images), np.asarray(owner, dtype=np.int32), table
+    if spec.captions == "sidecar":
+        table["captioned"] = sum(1 for k in found.contributors.values() for key in k
+                                 if key.rsplit(".", 1)[0] + ".txt" in sidecars)
+    return np.stack(images), np.asarray(owner, dtype=np.int32), captions, table
 
 
 def _u8(image: np.ndarray) -> np.ndarray:
@@ -137,26 +154,29 @@ def _to_tensor(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images).float().div(127.5).sub(1.0)
 
 
-def _reference(run: ValuationRun, options: S3Options) -> tuple[torch.Tensor, np.ndarray]:
-    """Held-out real images (one subfolder per class) for the property."""
+def _reference(run: ValuationRun, options: S3Options, size: int, data: TrainData
+               ) -> tuple[torch.Tensor, np.ndarray | None]:
+    """The property's real images: ``property.reference`` (class subfolders give labels; flat: no labels),
+    else the training images."""
     uri = run.spec.property.reference
     if not uri:
-        raise SpecError("manifest", [("spec.property.reference",
-                                      f"required by property {run.spec.property.name!r}: held-out real images, "
-                                      "one subfolder per class")])
+        return data.images, None
     store = open_storage(uri, options)
-    keys = [k for k in store.list() if k.lower().endswith(IMAGE_SUFFIXES) and "/" in k]
+    keys = [k for k in store.list() if k.lower().endswith(IMAGE_SUFFIXES)]
     if not keys:
-        raise DatasetError(f"property.reference: no images in class subfolders under {uri}")
-    classes = sorted({k.split("/", 1)[0] for k in keys})
-    size, channels = run.spec.model.architecture.sample_size, run.spec.dataset.channels
+        raise DatasetError(f"spec.property.reference: no images under {uri}")
+    labelled = all("/" in k for k in keys)
+    classes = sorted({k.split("/", 1)[0] for k in keys}) if labelled else []
+    channels = run.spec.dataset.channels
     imgs, labels = [], []
     for k in keys:
         blob = store.read_bytes(k)
         if decode_check(blob) is None:
             imgs.append(_u8(decode_image(blob, size, channels)))
-            labels.append(classes.index(k.split("/", 1)[0]))
-    return _to_tensor(np.stack(imgs)), np.asarray(labels)
+            labels.append(classes.index(k.split("/", 1)[0]) if labelled else -1)
+    if not imgs:
+        raise DatasetError(f"spec.property.reference: no readable images under {uri}")
+    return _to_tensor(np.stack(imgs)), (np.asarray(labels) if labelled else None)
 
 
 def run_prepare(run_uri: str, *, options: S3Options | None = None, progress: bool = False) -> dict[str, Any]:
@@ -167,46 +187,28 @@ def run_prepare(run_uri: str, *, options: S3Options | None = None, progress: boo
         return read_json(store, layout.PREPARE_RESULT)
     set_threads()
     run = _load_run(store)
+    s = run.spec
+    family, assets = get_family(s.model.family), _assets(options)
     seconds: dict[str, float] = {}
     t0 = time.monotonic()
-    images, owner, table = _load_dataset(run, options)
+    size = family.resolution(run, assets)
+    images, owner, captions, table = _load_dataset(run, options, size)
     buf = io.BytesIO()
-    np.savez_compressed(buf, images=images, owner=owner)
+    np.savez_compressed(buf, images=images, owner=owner, captions=np.asarray(captions, dtype=str))
     store.write_bytes(layout.DATASET, buf.getvalue())
     seconds["data"] = time.monotonic() - t0
-    data = _to_tensor(images)
-    arch, s = run.spec.model.architecture, run.spec
+    data = TrainData(_to_tensor(images), owner, captions)
 
-    t0 = time.monotonic()
-    full = _load_checkpoint(_fetch_model_dir(s.model.checkpoint, options)) if s.model.checkpoint else None
-    seconds["load"] = time.monotonic() - t0
-    t = s.model.train
-    prepared = prepare_sparsified(
-        data,
-        full=full,
-        arch={"block_out_channels": tuple(arch.block_out_channels), "layers_per_block": arch.layers_per_block,
-              "attention": arch.attention},
-        train_steps=t.steps,
-        train_lr=t.learning_rate,
-        batch_size=t.batch_size,
-        prune_ratio=s.method.prune.ratio,
-        importance=s.method.prune.importance,
-        finetune_steps=s.method.prune.finetune_steps,
-        finetune_lr=s.method.finetune.learning_rate,
-        seed=s.seed,
-        progress=progress,
-    )
-    seconds.update(prepared.info["seconds"])
-
-    t0 = time.monotonic()
     with tempfile.TemporaryDirectory() as d:
-        prepared.sparsified.save(Path(d) / "sparsified")
+        info = family.prepare(run, data, Path(d) / "sparsified", assets, progress=progress)
+        seconds.update(info["seconds"])
         upload_dir(store, layout.SPARSIFIED, Path(d) / "sparsified")
-        prop = get_property(s.property.name)
-        ref, labels = _reference(run, options)
+        t0 = time.monotonic()
+        prop = property_for(s.property, assets.get)
+        ref, labels = _reference(run, options, size, data)
         prop.fit(ref, labels, Path(d) / "property", seed=s.seed)
         upload_dir(store, layout.PROPERTY_CACHE, Path(d) / "property")
-    seconds["property_fit"] = time.monotonic() - t0
+        seconds["property_fit"] = time.monotonic() - t0
 
     manifest = {
         "manifest": run.to_manifest(),
@@ -217,16 +219,18 @@ def run_prepare(run_uri: str, *, options: S3Options | None = None, progress: boo
     }
     write_json(store, layout.MANIFEST, manifest)
     result = {
-        "paramsFull": prepared.info["params_full"],
-        "paramsPruned": prepared.info["params_pruned"],
-        "prune": prepared.info["prune"],
+        "family": s.model.family,
+        "resolution": size,
+        "paramsFull": info["params_full"],
+        "paramsPruned": info["params_pruned"],
+        "prune": info["prune"],
         "seconds": {k: round(v, 2) for k, v in seconds.items()},
         "images": int(len(images)),
         "skipped": len(table["skipped"]),
         "versions": _versions(),
         "summary": (f"{len(table['contributors'])} contributors, {len(images)} images "
-                    f"({len(table['skipped'])} skipped), params {prepared.info['params_full']:,} -> "
-                    f"{prepared.info['params_pruned']:,}"),
+                    f"({len(table['skipped'])} skipped), {s.model.family} params {info['params_full']:,} -> "
+                    f"{info['params_pruned']:,}"),
     }
     write_json(store, layout.PREPARE_RESULT, result)
     return result
@@ -239,9 +243,8 @@ def run_prepare(run_uri: str, *, options: S3Options | None = None, progress: boo
 class _Prepared:
     run: ValuationRun
     manifest: dict[str, Any]
-    images: torch.Tensor
     owner: np.ndarray
-    sparsified: Checkpoint
+    state: Any  # what the family's load() returned: the sparsified model and anything else it reuses
     prop: Any  # the run's property, fitted in prepare and loaded from its cache
 
 
@@ -254,11 +257,14 @@ def _prepared(run_uri: str, options: S3Options) -> _Prepared:
     run = _load_run(store)
     with np.load(io.BytesIO(store.read_bytes(layout.DATASET))) as z:
         images, owner = z["images"], z["owner"]
+        captions = [str(c) for c in z["captions"]] if "captions" in z else [""] * len(images)
     tag = contributor_id(run_uri + store.read_bytes(layout.PREPARE_RESULT).decode())  # new prepare, new copy
-    prop = get_property(run.spec.property.name)
+    assets = _assets(options)
+    prop = property_for(run.spec.property, assets.get)
     prop.fit(None, None, _local_copy(store, layout.PROPERTY_CACHE, tag), seed=run.spec.seed)
-    return _Prepared(run, read_json(store, layout.MANIFEST), _to_tensor(images), owner,
-                     Checkpoint.load(_local_copy(store, layout.SPARSIFIED, tag)), prop)
+    data = TrainData(_to_tensor(images), owner, captions)
+    state = get_family(run.spec.model.family).load(run, _local_copy(store, layout.SPARSIFIED, tag), data, assets)
+    return _Prepared(run, read_json(store, layout.MANIFEST), owner, state, prop)
 
 
 def run_coalition(run_uri: str, members: list[int], *, attempt: int = 1,
@@ -280,12 +286,11 @@ def run_coalition(run_uri: str, members: list[int], *, attempt: int = 1,
     s = p.run.spec
     seed = s.seed + int(cid[1:9], 16) % 1_000_000  # per-coalition, stable across executors and attempts
 
-    mask = torch.from_numpy(np.isin(p.owner, sorted(members)))
-    ft = s.method.finetune
-    out = coalition_utility(p.sparsified, p.images[mask], p.prop, steps=ft.steps,
-                            lr=ft.learning_rate, batch_size=ft.batch_size, n_samples=s.property.samples,
-                            ddim_steps=s.method.sampler.steps, seed=seed)
-    utility, samples, seconds = out.utility, out.samples, dict(out.seconds)
+    mask = np.isin(p.owner, sorted(members))
+    samples, seconds = get_family(s.model.family).coalition(p.run, p.state, mask, seed)
+    t0 = time.perf_counter()
+    utility = float(p.prop.score(samples))
+    seconds = {**seconds, "property": time.perf_counter() - t0}
     seconds["total"] = sum(seconds.values())
     if not np.isfinite(utility):
         raise RuntimeError(f"property {s.property.name!r} returned {utility} for coalition {cid}")

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
+
+from datacredit.spec import PropertySpec, SpecError
 
 
 @runtime_checkable
@@ -52,3 +55,38 @@ def get_property(name: str, **options: Any) -> Property:
 def available_properties() -> list[str]:
     """Registered property names."""
     return sorted(_REGISTRY)
+
+
+# Manifest fields (spec.property.*) a property factory may take, by parameter name.
+SPEC_FIELDS = ("weights", "head", "quantile", "clusters", "options")
+
+
+def property_for(spec: PropertySpec, fetch: Callable[[str, str], Path]) -> Property:
+    """The property a manifest names, with the ``spec.property`` fields its factory accepts.
+
+    ``weights`` and ``head`` are URIs resolved to local paths with ``fetch(uri, field)``. A field set in the
+    manifest that the property does not take is an error naming the field, not silently ignored.
+    """
+    if ":" in spec.name:
+        from .custom import CustomProperty
+
+        factory: PropertyFactory = CustomProperty.from_spec
+    else:
+        try:
+            factory = _REGISTRY[spec.name]
+        except KeyError:
+            raise SpecError("manifest", [("spec.property.name", f"unknown property {spec.name!r}; known: "
+                                          f"{', '.join(sorted(_REGISTRY))}, or module:function")]) from None
+    accepted = inspect.signature(factory).parameters
+    given = {
+        "weights": fetch(spec.weights, "spec.property.weights") if spec.weights else None,
+        "head": fetch(spec.head, "spec.property.head") if spec.head else None,
+        "quantile": spec.quantile,
+        "clusters": spec.clusters,
+        "options": dict(spec.options) if spec.options else None,
+    }
+    unused = [k for k, v in given.items() if v is not None and k not in accepted]
+    if unused:
+        raise SpecError("manifest", [(f"spec.property.{k}", f"property {spec.name!r} does not use it") for k in unused])
+    kwargs = {k: v for k, v in given.items() if v is not None}
+    return factory(spec.name, **kwargs) if ":" in spec.name else factory(**kwargs)

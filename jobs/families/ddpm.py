@@ -1,0 +1,73 @@
+"""Family ``ddpm``: a pixel-space diffusers UNet2DModel, channel-pruned with torch-pruning (the paper's
+CIFAR setting)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from datacredit.dataset import DatasetError
+from datacredit.spec import ValuationRun
+
+from ..pipeline import finetune_and_sample, prepare_sparsified
+from ..train import Checkpoint
+from .base import Assets, TrainData
+
+
+def load_full_unet(uri: str, assets: Assets, field: str = "spec.model.checkpoint") -> torch.nn.Module:
+    """A diffusers UNet2DModel folder (or a pipeline folder with unet/), or one saved by datacredit."""
+    try:
+        return Checkpoint.load(assets.get(uri, field)).inference_model
+    except FileNotFoundError as e:
+        raise DatasetError(f"{field}: {e}") from None
+
+
+class DDPMFamily:
+    """prepare: [train] -> prune the EMA weights -> fine-tune; coalition: fine-tune (EMA continued) -> DDIM."""
+
+    name = "ddpm"
+
+    def resolution(self, run: ValuationRun, assets: Assets) -> int:
+        return run.spec.dataset.resolution or run.spec.model.architecture.sample_size
+
+    def prepare(self, run: ValuationRun, data: TrainData, out_dir: Path, assets: Assets,
+                progress: bool = False) -> dict[str, Any]:
+        s = run.spec
+        arch, t = s.model.architecture, s.model.train
+        full = load_full_unet(s.model.checkpoint, assets) if s.model.checkpoint else None
+        prepared = prepare_sparsified(
+            data.images,
+            full=full,
+            arch={"block_out_channels": tuple(arch.block_out_channels), "layers_per_block": arch.layers_per_block,
+                  "attention": arch.attention},
+            train_steps=t.steps,
+            train_lr=t.learning_rate,
+            batch_size=t.batch_size,
+            prune_ratio=s.method.prune.ratio,
+            importance=s.method.prune.importance,
+            finetune_steps=s.method.prune.finetune_steps,
+            finetune_lr=s.method.finetune.learning_rate,
+            seed=s.seed,
+            progress=progress,
+        )
+        prepared.sparsified.save(out_dir)
+        return prepared.info
+
+    def load(self, run: ValuationRun, out_dir: Path, data: TrainData, assets: Assets) -> Any:
+        return Checkpoint.load(out_dir), data
+
+    def coalition(self, run: ValuationRun, state: Any, mask: np.ndarray, seed: int
+                  ) -> tuple[torch.Tensor, dict[str, float]]:
+        sparsified, data = state
+        s = run.spec
+        ft = s.method.finetune
+        samples, seconds, _ = finetune_and_sample(
+            sparsified, data.images[torch.from_numpy(mask)], steps=ft.steps, lr=ft.learning_rate,
+            batch_size=ft.batch_size, n_samples=s.property.samples, ddim_steps=s.method.sampler.steps, seed=seed)
+        return samples, seconds
+
+
+FAMILY = DDPMFamily()
