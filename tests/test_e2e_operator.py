@@ -7,7 +7,6 @@ operator itself as a subprocess (`datacredit operator`), so it can be killed and
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import signal
@@ -34,7 +33,7 @@ from tests.infra.controlplane import ControlPlane
 from tests.infra.nodeagent import NodeAgent
 from tests.infra.process import ManagedProcess, free_port, wait_until
 from tests.infra.s3server import S3Server
-from tests.tiny import CONTRIBUTORS, TinyData, tiny_manifest
+from tests.tiny import CONTRIBUTORS, TinyData, tiny_manifest, with_change
 
 pytestmark = pytest.mark.controlplane
 
@@ -397,6 +396,10 @@ INVALID = [
     ("spec.dataset.contributors", {"by": "manifest"}, "spec.dataset.contributors.manifest"),
     ("spec.dataset.channels", 2, "spec.dataset.channels"),
     ("spec.model", {"family": "gan"}, "spec.model.family"),
+    ("spec.model", {"family": "ldm"}, "spec.model.autoencoder"),
+    ("spec.model", {"family": "sd-lora"}, "spec.model.checkpoint"),
+    ("spec.model", {"lora": {"rank": 0}}, "spec.model.lora.rank"),
+    ("spec.property", {"quantile": 1.5}, "spec.property.quantile"),
     ("spec.model", {"architecture": {"blockOutChannels": []}}, "spec.model.architecture.blockOutChannels"),
     ("spec.model", {"architecture": {"blockOutChannels": [12]}}, "spec.model.architecture.blockOutChannels"),
     ("spec.method", {"prune": {"ratio": 1.5}}, "spec.method.prune.ratio"),
@@ -418,25 +421,12 @@ INVALID = [
 ]
 
 
-def _with(path: str, value: object) -> dict[str, Any]:
-    doc = copy.deepcopy(GOOD)
-    *parents, leaf = path.split(".")
-    node = doc
-    for p in parents:
-        node = node.setdefault(p, {})
-    if value is None:
-        node.pop(leaf, None)
-    else:
-        node[leaf] = value
-    return doc
-
-
 def test_invalid_manifests_are_refused_naming_the_field(api: client.ApiClient) -> None:
     assert len(INVALID) >= 15
     problems = []
     for path, value, field in INVALID:
         try:
-            _create(api, _with(path, value))
+            _create(api, with_change(GOOD, path, value))
             problems.append(f"{path}={value!r}: accepted")
             _delete(api, "bad")
         except ApiException as error:
@@ -448,7 +438,7 @@ def test_invalid_manifests_are_refused_naming_the_field(api: client.ApiClient) -
 
 
 def test_spec_fields_that_name_the_coalitions_are_immutable(api: client.ApiClient) -> None:
-    doc = _with("spec.suspend", True)
+    doc = with_change(GOOD, "spec.suspend", True)
     doc["metadata"]["name"] = "immutable"
     _create(api, doc)
     try:

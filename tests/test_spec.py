@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import pytest
 import yaml
 
 from datacredit.spec import SpecError, load_manifest, parse_manifest
+from tests.tiny import with_change as changed
 
 GOOD = {
     "apiVersion": "datacredit.dev/v1alpha1",
@@ -20,16 +20,7 @@ GOOD = {
 
 def with_change(path: str, value: object) -> dict:
     """GOOD with one field set (dotted path; value None deletes)."""
-    doc = copy.deepcopy(GOOD)
-    *parents, leaf = path.split(".")
-    node = doc
-    for p in parents:
-        node = node.setdefault(p, {})
-    if value is None:
-        node.pop(leaf, None)
-    else:
-        node[leaf] = value
-    return doc
+    return changed(GOOD, path, value)
 
 
 def test_defaults_fill_in() -> None:
@@ -51,6 +42,11 @@ BAD = [
     ("spec.dataset.contributors", {"by": "manifest"}, "spec.dataset.contributors"),
     ("spec.dataset.contributors", {"by": "artist"}, "spec.dataset.contributors.by"),
     ("spec.model", {"family": "gan"}, "spec.model.family"),
+    ("spec.model", {"family": "ldm"}, "spec.model"),
+    ("spec.model", {"family": "sd-lora"}, "spec.model"),
+    ("spec.model", {"lora": {"rank": 0}}, "spec.model.lora.rank"),
+    ("spec.property", {"quantile": 1.5}, "spec.property.quantile"),
+    ("spec.dataset.captions", "txt", "spec.dataset.captions"),
     ("spec.method", {"prune": {"ratio": 1.5}}, "spec.method.prune.ratio"),
     ("spec.method", {"finetune": {"steps": 0}}, "spec.method.finetune.steps"),
     ("spec.method", {"finetune": {"learningRate": -1}}, "spec.method.finetune.learningRate"),

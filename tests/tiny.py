@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,3 +65,17 @@ def tiny_manifest(name: str, images: str, reference: str, storage: dict[str, Any
             "storage": storage,
         },
     }
+
+
+def with_change(doc: dict[str, Any], path: str, value: object) -> dict[str, Any]:
+    """A deep copy of the manifest ``doc`` with one field set (dotted path; ``None`` deletes it)."""
+    doc = copy.deepcopy(doc)
+    *parents, leaf = path.split(".")
+    node = doc
+    for p in parents:
+        node = node.setdefault(p, {})
+    if value is None:
+        node.pop(leaf, None)
+    else:
+        node[leaf] = value
+    return doc
