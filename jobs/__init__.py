@@ -1,7 +1,8 @@
 """GPU-side workloads (``datacredit.jobs``): imports torch, so never import it from ``datacredit`` core.
 
-Modules: ``device`` (device, seeding, threads), ``images`` (decode / check / grids), ``digits`` (the demo
-data), ``unet`` (build, save/load pruned UNets), ``prune`` (torch-pruning), ``train`` (DDPM + EMA,
-checkpoints), ``sample`` (DDIM), ``properties`` (registry: ``quality``, ``diversity``), ``pipeline``
-(prepare / coalition stages on tensors), ``sizing`` (timing and separation check for the demo).
+Modules: ``worker`` (the prepare and coalition steps around storage), ``families`` (``ddpm``, ``ldm``,
+``sd-lora``: prepare / load / coalition of each model family), ``properties`` (registry of global properties),
+``device`` (device, seeding, threads), ``images`` (decode / check / grids), ``digits`` (the demo data),
+``unet`` (build, save/load pruned UNets), ``prune`` (torch-pruning), ``train`` (DDPM + EMA, checkpoints),
+``sample`` (DDIM), ``pipeline`` (the ddpm stages on tensors).
 """

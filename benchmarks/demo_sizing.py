@@ -1,6 +1,6 @@
 """Size the digits demo: time every stage and check that the utility separates planted bad contributors.
 
-    python -m datacredit.jobs.sizing --blocks 32,64 --seeds 0,1,2 --out sizing.json
+    python benchmarks/demo_sizing.py --blocks 32,64 --seeds 0,1,2 --out sizing.json
 
 Prepares a sparsified model on all demo contributors (7 clean + noise, blank, duplicate), then evaluates
 v(S) for a few coalitions (clean only, all, all but one bad, clean plus one bad) over several seeds with
@@ -19,15 +19,15 @@ from pathlib import Path
 
 import torch
 
-from .device import seed_everything, set_threads
-from .digits import demo_data
-from .images import load_images, save_grid
-from .pipeline import Prepared, coalition_utility, prepare_sparsified
-from .properties import get_property
-from .prune import prune_unet
-from .sample import sample_ddim
-from .train import Checkpoint, train_ddpm
-from .unet import build_unet, count_params
+from datacredit.jobs.device import seed_everything, set_threads
+from datacredit.jobs.digits import demo_data
+from datacredit.jobs.images import load_images, save_grid
+from datacredit.jobs.pipeline import Prepared, coalition_utility, prepare_sparsified
+from datacredit.jobs.properties import get_property
+from datacredit.jobs.prune import prune_unet
+from datacredit.jobs.sample import sample_ddim
+from datacredit.jobs.train import Checkpoint, train_ddpm
+from datacredit.jobs.unet import build_unet, count_params
 
 
 def _ints(text: str) -> tuple[int, ...]:
