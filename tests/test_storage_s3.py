@@ -74,3 +74,34 @@ def test_tiny_run_on_s3(s3_server: S3Server, s3_env: S3Options, tiny_data: TinyD
     local_doc = execute(local).results
     assert {r["name"]: r["value"] for r in doc["contributors"]} == pytest.approx(
         {r["name"]: r["value"] for r in local_doc["contributors"]}, abs=1e-9)
+
+
+def test_model_and_weight_uris_resolve_to_local_copies(s3_server: S3Server, s3_env: S3Options,
+                                                         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the worker does with spec.model.checkpoint / autoencoder / property.weights: a single object
+    downloads as a file, a prefix as a folder, once per process; missing things name the field."""
+    from datacredit.dataset import DatasetError
+    from datacredit.jobs.worker import _fetch
+
+    monkeypatch.setenv("DATACREDIT_WORK_DIR", str(tmp_path / "work"))
+    s3_server.make_bucket("assets-test")
+    store = open_storage("s3://assets-test/models", s3_env)
+    store.write_bytes("inception.pth", b"weights")
+    store.write_bytes("vq/config.json", b"{}")
+    store.write_bytes("vq/diffusion_pytorch_model.safetensors", b"tensors")
+
+    weights = _fetch("s3://assets-test/models/inception.pth", "spec.property.weights", s3_env)
+    assert weights.is_file() and weights.read_bytes() == b"weights"
+    folder = _fetch("s3://assets-test/models/vq/", "spec.model.autoencoder", s3_env)
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors"]
+    store.write_bytes("inception.pth", b"changed")
+    assert _fetch("s3://assets-test/models/inception.pth", "spec.property.weights", s3_env) == weights
+    assert weights.read_bytes() == b"weights"  # downloaded once, reused
+
+    with pytest.raises(DatasetError, match=r"spec.model.autoencoder: nothing at s3://assets-test/models/nope"):
+        _fetch("s3://assets-test/models/nope", "spec.model.autoencoder", s3_env)
+    with pytest.raises(DatasetError, match=r"spec.property.head: .*does not exist"):
+        _fetch(str(tmp_path / "missing.pth"), "spec.property.head", s3_env)
+    local = tmp_path / "head.pth"
+    local.write_bytes(b"h")
+    assert _fetch(f"file://{local}", "spec.property.head", s3_env) == local
