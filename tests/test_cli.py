@@ -21,6 +21,7 @@ from datacredit.spec import parse_manifest
 from tests.tiny import TinyData, tiny_manifest
 
 runner = CliRunner()
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
 def test_validate_reports_fields_and_exit_code(tmp_path: Path) -> None:
@@ -32,8 +33,13 @@ def test_validate_reports_fields_and_exit_code(tmp_path: Path) -> None:
     res = runner.invoke(app, ["validate", str(bad)])
     assert res.exit_code == 3
     assert "spec.estimator.budget" in res.output and "spec.method.prune.ratio" in res.output
-    assert runner.invoke(app, ["validate", "examples/digits-local.yaml"]).exit_code == 0
     assert runner.invoke(app, ["run", str(bad)]).exit_code == 3
+
+
+@pytest.mark.parametrize("example", sorted(p.name for p in EXAMPLES.glob("*.yaml")))
+def test_every_example_manifest_validates(example: str) -> None:
+    res = runner.invoke(app, ["validate", str(EXAMPLES / example)])
+    assert res.exit_code == 0, res.output
 
 
 def test_estimate_from_a_stored_table(tmp_path: Path) -> None:

@@ -452,8 +452,10 @@ def test_spec_fields_that_name_the_coalitions_are_immutable(api: client.ApiClien
         _delete(api, "immutable")
 
 
-def test_example_manifest_is_accepted(api: client.ApiClient) -> None:
-    doc = yaml.safe_load((ROOT / "examples" / "digits-s3.yaml").read_text())
+@pytest.mark.parametrize("example", sorted(p.name for p in (ROOT / "examples").glob("*.yaml")
+                                            if "uri: s3://" in p.read_text()))
+def test_example_manifest_is_accepted(api: client.ApiClient, example: str) -> None:
+    doc = yaml.safe_load((ROOT / "examples" / example).read_text())
     doc["metadata"]["namespace"] = NS
     created = _custom(api).create_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, doc, dry_run="All",
                                                            field_validation="Strict")
