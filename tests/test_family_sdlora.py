@@ -4,8 +4,6 @@ the pruned LoRA, and prepare + coalitions end to end through the worker with sid
 from __future__ import annotations
 
 import io
-import json
-import string
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +13,8 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel  # noqa: E402
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel  # noqa: E402
 from PIL import Image  # noqa: E402
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: E402
 
 from datacredit import layout  # noqa: E402
 from datacredit.dataset import DatasetError  # noqa: E402
@@ -38,6 +35,7 @@ from datacredit.jobs.properties.custom import PropertyContext  # noqa: E402
 from datacredit.jobs.worker import run_coalition, run_prepare  # noqa: E402
 from datacredit.spec import ValuationRun, parse_manifest  # noqa: E402
 from datacredit.storage import open_storage, read_json, write_json  # noqa: E402
+from tests.tiny_models import save_tiny_sd_pipeline  # noqa: E402
 
 pytestmark = pytest.mark.workload
 
@@ -60,38 +58,10 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
-def _tokenizer(folder: Path) -> CLIPTokenizer:
-    """A CLIP BPE tokenizer from a letter-level vocab.json and an empty merges.txt (no download)."""
-    folder.mkdir(parents=True)
-    letters = list(string.ascii_lowercase)
-    vocab = ["<|startoftext|>", "<|endoftext|>", *letters, *(c + "</w>" for c in letters)]
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    return CLIPTokenizer.from_pretrained(str(folder), model_max_length=16)
-
-
 @pytest.fixture(scope="module")
 def sd_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny StableDiffusionPipeline saved with save_pretrained: UNet latents 8x8, VAE factor 2 (16 px)."""
-    root = tmp_path_factory.mktemp("sd")
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8)
-    vae = AutoencoderKL(block_out_channels=(8, 16), in_channels=3, out_channels=3, latent_channels=4,
-                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                        norm_num_groups=8, sample_size=16)
-    tokenizer = _tokenizer(root / "vocab")
-    text = CLIPTextModel(CLIPTextConfig(
-        bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=32, intermediate_size=37, num_attention_heads=4,
-        num_hidden_layers=2, vocab_size=len(tokenizer), max_position_embeddings=16))
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                              set_alpha_to_one=False, steps_offset=1)
-    pipe = StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text, tokenizer=tokenizer, scheduler=scheduler,
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe.save_pretrained(str(root / "pipe"))
-    return root / "pipe"
+    return save_tiny_sd_pipeline(tmp_path_factory.mktemp("sd"))
 
 
 def _unet(sd_folder: Path) -> UNet2DConditionModel:

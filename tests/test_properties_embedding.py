@@ -22,6 +22,7 @@ from datacredit.jobs.properties.registry import property_for  # noqa: E402
 from datacredit.spec import PropertySpec, SpecError, parse_manifest  # noqa: E402
 from datacredit.storage import S3Options, open_storage, upload_dir, write_json  # noqa: E402
 from tests.tiny import TinyData, tiny_manifest  # noqa: E402
+from tests.tiny_models import save_linear_head, save_tiny_clip  # noqa: E402
 
 pytestmark = pytest.mark.workload
 
@@ -37,14 +38,7 @@ def _one_thread():
 @pytest.fixture(scope="module")
 def clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny CLIPVisionModelWithProjection folder (safetensors) with a CLIP image processor config."""
-    torch.manual_seed(0)
-    cfg = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                        num_attention_heads=2, image_size=32, patch_size=8, projection_dim=16,
-                                        initializer_factor=5.0)
-    folder = tmp_path_factory.mktemp("clip") / "clip"
-    transformers.CLIPVisionModelWithProjection(cfg).save_pretrained(folder, safe_serialization=True)
-    transformers.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
-        folder)
+    folder = save_tiny_clip(tmp_path_factory.mktemp("clip") / "clip")
     assert (folder / "model.safetensors").exists()
     return folder
 
@@ -56,11 +50,7 @@ def digits() -> torch.Tensor:
     return torch.from_numpy(imgs[:80]).float().div(127.5).sub(1).unsqueeze(1)
 
 
-def _head(path: Path, seed: int, dim: int = 16) -> Path:
-    lin = torch.nn.Linear(dim, 1)
-    torch.nn.init.normal_(lin.weight, generator=torch.Generator().manual_seed(seed))
-    torch.save(lin.state_dict(), path)
-    return path
+_head = save_linear_head
 
 
 # ---------------------------------------------------------------- cluster-entropy
