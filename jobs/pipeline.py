@@ -92,9 +92,11 @@ def finetune_and_sample(
     ddim_steps: int = 20,
     seed: int = 0,
     sample_batch: int = 512,
+    clip_sample: bool = True,
 ) -> tuple[torch.Tensor, dict[str, float], Checkpoint]:
     """Fine-tune a copy of ``sparsified`` on ``images`` (no training when empty), then sample from the EMA
-    weights (the raw ones without EMA). Returns samples, stage seconds and the fine-tuned checkpoint."""
+    weights (the raw ones without EMA); ``clip_sample=False`` for latents (see :func:`sample_ddim`).
+    Returns samples, stage seconds and the fine-tuned checkpoint."""
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     start = Checkpoint(copy.deepcopy(sparsified.model), sparsified.ema)
@@ -102,7 +104,8 @@ def finetune_and_sample(
     result = train_ddpm(start.model, images, steps, lr, batch_size, seed=seed, ema=ema)
     seconds["finetune"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    samples = sample_ddim(result.inference_model, n_samples, ddim_steps, seed=seed, batch_size=sample_batch)
+    samples = sample_ddim(result.inference_model, n_samples, ddim_steps, seed=seed, batch_size=sample_batch,
+                          clip_sample=clip_sample)
     seconds["sample"] = time.perf_counter() - t0
     return samples, seconds, Checkpoint(result.model, result.ema)
 

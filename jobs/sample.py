@@ -8,9 +8,10 @@ from diffusers import DDIMScheduler, UNet2DModel
 from .train import NOISE_SCHEDULE
 
 
-def ddim_scheduler() -> DDIMScheduler:
-    """DDIM over the training noise schedule (x0 clipped to [-1, 1], final alpha 1, leading spacing)."""
-    return DDIMScheduler(**NOISE_SCHEDULE, set_alpha_to_one=True)
+def ddim_scheduler(clip_sample: bool = True) -> DDIMScheduler:
+    """DDIM over the training noise schedule (final alpha 1, leading spacing); x0 is clipped to [-1, 1]
+    unless ``clip_sample`` is False (latents, which are not bounded)."""
+    return DDIMScheduler(**{**NOISE_SCHEDULE, "clip_sample": clip_sample}, set_alpha_to_one=True)
 
 
 @torch.inference_mode()
@@ -22,8 +23,10 @@ def sample_ddim(
     batch_size: int = 256,
     eta: float = 0.0,
     device: torch.device | str | None = None,
+    clip_sample: bool = True,
 ) -> torch.Tensor:
-    """Generate ``n`` images (n, C, H, W) on CPU in [-1, 1] with ``steps`` DDIM steps.
+    """Generate ``n`` images (n, C, H, W) on CPU in [-1, 1] with ``steps`` DDIM steps (``clip_sample=False``:
+    unbounded samples such as latents, neither x0 nor the result clipped).
 
     All noise comes from a CPU generator seeded with ``seed`` and is drawn per image up front, so for
     ``eta=0`` the result does not depend on ``batch_size``.
@@ -33,7 +36,7 @@ def sample_ddim(
     c, s = int(model.config.in_channels), int(model.config.sample_size)
     gen = torch.Generator("cpu").manual_seed(seed)
     x_all = torch.randn(n, c, s, s, generator=gen)
-    sched = ddim_scheduler()
+    sched = ddim_scheduler(clip_sample)
     sched.set_timesteps(steps)
     extra = torch.randn(len(sched.timesteps), n, c, s, s, generator=gen) if eta > 0 else None
     out = []
@@ -43,5 +46,5 @@ def sample_ddim(
             eps = model(x, t.to(device)).sample
             noise = extra[i, lo : lo + batch_size].to(device) if extra is not None else None
             x = sched.step(eps, t, x, eta=eta, variance_noise=noise).prev_sample
-        out.append(x.clamp(-1, 1).float().cpu())
+        out.append((x.clamp(-1, 1) if clip_sample else x).float().cpu())
     return torch.cat(out) if out else torch.empty(0, c, s, s)

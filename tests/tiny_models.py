@@ -68,3 +68,14 @@ def save_tiny_sd_pipeline(root: Path) -> Path:
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(str(root / "pipe"))
     return root / "pipe"
+
+
+def save_tiny_vqmodel(folder: Path, codes: int = 32) -> Path:
+    """A 3-channel VQ-VAE (16x16 images -> 3x8x8 latents) saved with save_pretrained in ``folder``."""
+    from diffusers import VQModel
+
+    torch.manual_seed(0)
+    VQModel(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
+            up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=3, num_vq_embeddings=codes,
+            sample_size=16, norm_num_groups=8).save_pretrained(folder)
+    return folder
