@@ -97,7 +97,8 @@ def noise_scheduler() -> DDPMScheduler:
     return DDPMScheduler(**NOISE_SCHEDULE)
 
 
-def _progress(progress: Progress | bool | None, steps: int, desc: str) -> Progress | None:
+def progress_reporter(progress: Progress | bool | None, steps: int, desc: str) -> Progress | None:
+    """A ``callback(step, loss)``: the one given, ten printed lines labelled ``desc`` for True, else None."""
     if callable(progress):
         return progress
     if progress:
@@ -156,7 +157,7 @@ def train_ddpm(
     if state is not None:
         averager = EMAModel(state.model.parameters(), decay=state.decay, use_ema_warmup=False)
         averager.optimization_step = state.step
-    report = _progress(progress, steps, desc)
+    report = progress_reporter(progress, steps, desc)
     n_t = sched.config.num_train_timesteps
     model.train()
     for step in range(1, steps + 1):

@@ -31,7 +31,7 @@ from ..lora import (
     save_lora,
     set_lora_state,
 )
-from ..train import Progress, _progress
+from ..train import Progress, progress_reporter
 from .base import Assets, TrainData
 
 FIELD = "spec.model.checkpoint"
@@ -144,7 +144,7 @@ def train_lora(pipe: StableDiffusionPipeline, enc: Encoded, indices: np.ndarray,
     gen = torch.Generator("cpu").manual_seed(seed)
     items = torch.from_numpy(np.asarray(indices, dtype=np.int64))
     n_t = sched.config.num_train_timesteps
-    report = _progress(progress, steps, desc)
+    report = progress_reporter(progress, steps, desc)
     unet.train()
     for step in range(1, steps + 1):
         idx = items[torch.randint(len(items), (batch_size,), generator=gen)]
