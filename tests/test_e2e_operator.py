@@ -337,6 +337,75 @@ def test_operator_restart_resumes_without_repeating_work(
     _delete(api, "tiny-restart")
 
 
+# ---------------------------------------------------------------- (7) every model family, models on S3
+
+
+@pytest.fixture(scope="module")
+def model_uris(s3_server: S3Server, s3_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+               ) -> dict[str, str]:
+    """Tiny real models (diffusers / transformers folders, a torch state dict) uploaded to the bucket, as a
+    user with offline clusters keeps them."""
+    from datacredit.storage import upload_dir
+    from tests.tiny_models import save_linear_head, save_tiny_clip, save_tiny_sd_pipeline, save_tiny_vqmodel
+
+    root = tmp_path_factory.mktemp("models")
+    store = S3Storage(f"s3://{BUCKET}/models", S3Options(endpoint=s3_server.endpoint, region=s3_server.region),
+                      client=s3_server.client())
+    upload_dir(store, "vqvae", save_tiny_vqmodel(root / "vqvae"))
+    upload_dir(store, "sd", save_tiny_sd_pipeline(root / "sd"))
+    upload_dir(store, "clip", save_tiny_clip(root / "clip"))
+    store.write_bytes("aesthetic-head.pth", save_linear_head(root / "head.pth", seed=1).read_bytes())
+    base = f"s3://{BUCKET}/models"
+    return {"vqvae": f"{base}/vqvae/", "sd": f"{base}/sd/", "clip": f"{base}/clip/",
+            "head": f"{base}/aesthetic-head.pth"}
+
+
+FAMILIES = {
+    "ldm": lambda m: {
+        "model": {"family": "ldm", "autoencoder": m["vqvae"],
+                  "architecture": {"sampleSize": 8, "blockOutChannels": [16, 32]},
+                  "train": {"steps": 6, "learningRate": 2e-3, "batchSize": 16}},
+        "property": {"name": "cluster-entropy", "weights": m["clip"], "clusters": 4, "samples": 8},
+    },
+    "sd-lora": lambda m: {
+        "model": {"family": "sd-lora", "checkpoint": m["sd"], "prompt": "a digit",
+                  "lora": {"rank": 4}, "train": {"steps": 4, "learningRate": 1e-3, "batchSize": 4}},
+        "property": {"name": "aesthetic", "weights": m["clip"], "head": m["head"], "quantile": 0.9, "samples": 4},
+    },
+}
+
+
+@pytest.mark.timeout(1800)
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_model_families_run_through_the_operator(
+    api: client.ApiClient, operator: Operator, s3_server: S3Server, tiny_data: TinyData,
+    model_uris: dict[str, str], family: str,
+) -> None:
+    name = f"tiny-{family}"
+    doc = _manifest(tiny_data, s3_server, name, estimator="kernel", budget=6)
+    spec = FAMILIES[family](model_uris)
+    doc["spec"]["model"] = spec["model"]
+    doc["spec"]["property"] = {**spec["property"], "reference": str(tiny_data.reference)}
+    doc["spec"]["method"] = {"prune": {"ratio": 0.5, "finetuneSteps": 2},
+                             "finetune": {"steps": 2, "learningRate": 1e-3, "batchSize": 4}, "sampler": {"steps": 2}}
+    started = time.monotonic()
+    _create(api, doc)
+    run = _wait_phase(api, name, ("Succeeded", "Failed"), operator)
+    assert run["status"]["phase"] == "Succeeded", run["status"]
+    print(f"\n[e2e] {family} run, 6 coalitions, models from S3: Succeeded in {time.monotonic() - started:.1f}s")
+
+    store = _store(run, s3_server)
+    prepared = read_json(store, layout.PREPARE_RESULT)
+    assert prepared["family"] == family and prepared["paramsPruned"] < prepared["paramsFull"]
+    shapley = read_json(store, "results/shapley.json")
+    values = _values(shapley)
+    assert set(values) == set(CONTRIBUTORS) and all(np.isfinite(list(values.values())))
+    assert sum(values.values()) == pytest.approx(shapley["vFull"] - shapley["vEmpty"], abs=1e-6)
+    utilities = [json.loads(line) for line in store.read_bytes(layout.UTILITIES).decode().splitlines()]
+    assert len(utilities) == 6 and len({round(u["utility"], 9) for u in utilities}) > 1
+    _delete(api, name)
+
+
 # ---------------------------------------------------------------- (3) retries and failure
 
 
