@@ -1,7 +1,7 @@
 # syntax=docker/dockerfile:1
 # The datacredit worker (prepare and coalition Jobs): the CLI with the `jobs` extra on the CUDA PyTorch image.
-# The base image's torch is kept: the constraints drop the torch, triton and CUDA wheel pins, so pip installs
-# only what torch does not bring. Build from the repository root:
+# The base image's torch and torchvision are kept: the constraints drop their pins and the triton and CUDA wheel
+# pins, so pip installs only what the base image does not bring. Build from the repository root:
 #   docker build -f images/worker.Dockerfile -t registry.example.com/datacredit-worker:0.1.0 .
 FROM pytorch/pytorch:2.9.1-cuda12.8-cudnn9-runtime
 
@@ -20,7 +20,7 @@ COPY requirements/constraints.txt requirements/constraints.txt
 COPY datacredit datacredit
 COPY jobs jobs
 COPY operator operator
-RUN grep -vE '^(torch==|triton==|nvidia-|cuda-)' requirements/constraints.txt > requirements/worker-constraints.txt \
+RUN grep -vE '^(torch==|torchvision==|triton==|nvidia-|cuda-)' requirements/constraints.txt > requirements/worker-constraints.txt \
     && pip install --no-cache-dir -c requirements/worker-constraints.txt ".[jobs]"
 
 RUN groupadd --gid 10001 datacredit \

@@ -163,14 +163,17 @@ def test_worker_image(tmp_path: Path) -> None:
     match = re.fullmatch(r"pytorch/pytorch:(\d+\.\d+\.\d+)-cuda12\.\d+-cudnn9-runtime", dockerfile.base)
     assert match, f"expected a pinned CUDA 12 PyTorch runtime base, got {dockerfile.base}"
     env_dir = new_venv(tmp_path / "venv")
-    # Stand in for the base image's torch: pip sees it installed, so the image keeps it.
+    # Stand in for the base image's torch and torchvision: pip sees them installed, so the image keeps them.
     purelib = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
     site = Path(subprocess.check_output([env_dir / "bin" / "python", "-c", purelib], text=True).strip())
-    dist_info = site / f"torch-{match[1]}.dist-info"
-    dist_info.mkdir()
-    (dist_info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: torch\nVersion: {match[1]}\n")
-    (dist_info / "INSTALLER").write_text("pip\n")
-    (dist_info / "RECORD").write_text("")
+    _, minor, patch = (int(v) for v in match[1].split("."))
+    base = {"torch": match[1], "torchvision": f"0.{minor + 15}.{patch}"}  # torch 2.9.1 ships torchvision 0.24.1
+    for name, version in base.items():
+        dist_info = site / f"{name}-{version}.dist-info"
+        dist_info.mkdir()
+        (dist_info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+        (dist_info / "INSTALLER").write_text("pip\n")
+        (dist_info / "RECORD").write_text("")
     report = tmp_path / "report.json"
     replay_pip_runs(
         dockerfile,
@@ -182,8 +185,9 @@ def test_worker_image(tmp_path: Path) -> None:
         item["metadata"]["name"].lower(): item["metadata"]["version"]
         for item in json.loads(report.read_text())["install"]
     }
-    assert "torch" not in installs, f"the worker image would replace the base image's torch {match[1]}"
+    for name, version in base.items():
+        assert name not in installs, f"the worker image would replace the base image's {name} {version}"
     assert not [name for name in installs if name.startswith(("nvidia-", "triton"))], installs
-    for needed in ("datacredit", "diffusers", "torch-pruning", "boto3"):
+    for needed in ("datacredit", "diffusers", "torch-pruning", "peft", "transformers", "torchmetrics", "boto3"):
         assert needed in installs, f"{needed} missing from the worker image: {sorted(installs)}"
     assert not {"kopf", "kubernetes"} & installs.keys(), "the worker image does not need the operator extra"
