@@ -13,7 +13,7 @@ IMAGE_TAG ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 export DATACREDIT_CACHE := $(CACHE)
 export PATH := $(VENV)/bin:$(PATH)
 
-.PHONY: help install binaries demo demo-quick test test-fast lint crds dashboards images push-images bench bench-quick clean
+.PHONY: help install binaries demo demo-quick test test-fast lint crds dashboards images push-images bench bench-quick bench-paper bench-paper-quick clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -65,6 +65,12 @@ bench: install ## estimator benchmark (full, ~6 minutes): writes benchmarks/resu
 
 bench-quick: install ## estimator benchmark at a small size (CI)
 	$(PY) benchmarks/estimators.py --quick
+
+bench-paper: install ## paper Table 1/2 at CPU scale (retrains; ~40 min): benchmarks/results/paper_table.json
+	$(PY) benchmarks/paper_table.py
+
+bench-paper-quick: install ## the paper-table benchmark at toy size (CI; results stay in a temp folder)
+	$(PY) benchmarks/paper_table.py --tiny
 
 clean: ## remove local run outputs
 	rm -rf demo-run demo-quick .pytest_cache

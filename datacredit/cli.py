@@ -150,6 +150,52 @@ def demo(
         run(manifest, workers=None, storage=None)
 
 
+@app.command()
+def evaluate(
+    target: Annotated[str, typer.Argument(help="A finished run's URI (path or s3://) or the manifest that made it.")],
+    alphas: Annotated[str, typer.Option(help="LDS test-coalition sizes as fractions of the contributors.")]
+    = "0.25,0.5,0.75",
+    subsets: Annotated[int, typer.Option(min=3, help="LDS test coalitions per alpha.")] = 10,
+    seeds: Annotated[int, typer.Option(min=1, help="Retraining seeds per test coalition (the paper: 3).")] = 3,
+    fraction: Annotated[float, typer.Option(min=0.01, max=0.99, help="Counterfactual: remove this top / bottom "
+                                                                     "fraction of each ranking.")] = 0.4,
+    baselines: Annotated[str, typer.Option(help="Comma-separated: loo, ft-shapley, retrain-shapley, pixel, "
+                                                "embedding ('' for none).")]
+    = "loo,ft-shapley,retrain-shapley,pixel,embedding",
+    interval: Annotated[str, typer.Option(help="95% interval over seeds: normal (the paper's), t or bootstrap.")]
+    = "normal",
+) -> None:
+    """Score the run's Shapley values against models **retrained from scratch**: LDS, counterfactuals, baselines.
+
+    Every retrained utility is stored under `evaluation/` in the run and reused by later calls, so a second
+    call (or another estimator) costs no retraining. Writes `evaluation/report.json`. Only the `ddpm` family.
+    """
+    from .dataset import DatasetError
+    from .jobs.evaluate import EvalSettings, EvaluationError, report_tables
+    from .jobs.evaluate import evaluate as run_evaluation
+    from .runstate import open_run
+
+    try:
+        alpha_list = tuple(float(a) for a in alphas.split(",") if a.strip())
+    except ValueError:
+        err.print(f"[red]bad --alphas {alphas!r}[/]: expected comma-separated fractions such as 0.25,0.5,0.75")
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+    ref = open_run(_load(Path(target))) if Path(target).is_file() else None
+    settings = EvalSettings(alphas=alpha_list, subsets=subsets, seeds=seeds, fraction=fraction,
+                            baselines=tuple(b.strip() for b in baselines.split(",") if b.strip()), interval=interval)
+    try:
+        report = run_evaluation(ref.uri if ref else target, settings, options=ref.options if ref else None)
+    except (EvaluationError, DatasetError, SpecError, ValueError) as e:
+        err.print(f"[red]cannot evaluate:[/] {e}")
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+    for table in report_tables(report):
+        out.print(table)
+    agree = report["agreement"]
+    out.print(f"sparsified-FT vs retrained utilities on the test coalitions: Pearson "
+              f"{agree['pearsonSparsifiedVsRetrain']:.2f} over {agree['pairs']} coalitions; "
+              f"retrained now: {report['retrainedNow']}; report: {report['run']}/evaluation/report.json")
+
+
 @worker.command("prepare")
 def worker_prepare(
     run_uri: Annotated[str, typer.Option("--run", help="Run URI holding run.json.")],

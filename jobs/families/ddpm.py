@@ -16,6 +16,8 @@ from ..pipeline import finetune_and_sample, prepare_sparsified
 from ..train import Checkpoint
 from .base import Assets, TrainData
 
+FULL_DIR = "full"  # below prepare/sparsified: the unpruned full model (model/ + ema/)
+
 
 def load_full_unet(uri: str, assets: Assets, field: str = "spec.model.checkpoint") -> torch.nn.Module:
     """A diffusers UNet2DModel folder (or a pipeline folder with unet/), or one saved by datacredit."""
@@ -54,6 +56,7 @@ class DDPMFamily:
             progress=progress,
         )
         prepared.sparsified.save(out_dir)
+        prepared.full.save(out_dir / FULL_DIR)  # the unpruned model: `datacredit evaluate` fine-tunes it
         return prepared.info
 
     def load(self, run: ValuationRun, out_dir: Path, data: TrainData, assets: Assets) -> Any:

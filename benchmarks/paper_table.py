@@ -1,0 +1,157 @@
+"""Benchmark: the paper's Table 1 (LDS) and Table 2 (cost) at CPU scale, on the digits demo.
+
+Builds the digits demo with ``--contributors`` contributors (three of them planted bad: noise, blank,
+duplicate), runs the sparsified-FT valuation (KernelSHAP), then ``datacredit evaluate``'s machinery: LDS of
+sparsified-FT Shapley, LOO by retraining, FT-Shapley and retraining Shapley at the same compute budget (seconds)
+as the sparsified-FT run, pixel and embedding similarity; counterfactuals; the speedup of one sparsified-FT
+coalition over a full retrain; and the Pearson correlation of sparsified-FT and retrained utilities on the test
+coalitions (the paper's Appendix D check), which explains a loss when there is one.
+
+Run ``python benchmarks/paper_table.py`` (8 contributors; about 40 minutes on 2 busy cores) to write
+benchmarks/results/paper_table.json and docs/paper_table.md, or ``--tiny`` (CI, a few minutes) which writes
+only under ``--out`` (default: a temporary folder). Retrained utilities are stored in the run, so a rerun with
+the same ``--dir`` reuses them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from datacredit.demo import QUICK, demo_manifest
+from datacredit.jobs.digits import demo_data
+from datacredit.jobs.evaluate import EvalSettings, GroundTruth, evaluate, report_tables, side_by_side
+from datacredit.local import execute
+from datacredit.runstate import open_run
+from datacredit.spec import parse_manifest
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results" / "paper_table.json"
+DOC = ROOT / "docs" / "paper_table.md"
+BAD = ("noise", "blank", "duplicate")
+
+SIZES = {
+    "full": {"contributors": 8, "train": {"steps": 150, "learningRate": 2e-3, "batchSize": 32}, "budget": 32,
+             "estimator": "kernel", "repeats": 3,
+             "settings": EvalSettings(alphas=(0.25, 0.5, 0.75), subsets=8, seeds=2)},
+    "tiny": {"contributors": 4, "train": {"steps": 30, "learningRate": 2e-3, "batchSize": 32}, "budget": 16,
+             "estimator": "exact", "repeats": 1, "settings": EvalSettings(alphas=(0.5,), subsets=3, seeds=2,
+                                                            baselines=("loo", "ft-shapley", "pixel", "embedding"))},
+}
+
+
+def build(root: Path, size: dict[str, Any]) -> dict[str, Any]:
+    """Write the demo data with ``size['contributors']`` contributors; return the manifest."""
+    n_bad = min(len(BAD), size["contributors"] - 2)
+    folder = root / "data-quick"
+    if not (folder / "images").exists():
+        data = demo_data(n_clean=size["contributors"] - n_bad, bad=BAD[:n_bad], seed=0)
+        for name, blobs in data.contributors.items():
+            (folder / "images" / name).mkdir(parents=True, exist_ok=True)
+            for i, b in enumerate(blobs):
+                (folder / "images" / name / f"{i:04d}.png").write_bytes(b)
+        for i, (b, label) in enumerate(zip(data.reference, data.reference_labels, strict=True)):
+            (folder / "reference" / str(int(label))).mkdir(parents=True, exist_ok=True)
+            (folder / "reference" / str(int(label)) / f"{i:04d}.png").write_bytes(b)
+    m = demo_manifest(root, quick=True)
+    m["metadata"]["name"] = f"paper-table-{size['contributors']}"
+    m["spec"]["model"]["train"] = size["train"]
+    m["spec"]["estimator"] = {"name": size["estimator"], "budget": size["budget"], "seed": 0}
+    return m
+
+
+def _fmt(d: dict[str, Any] | None) -> str:
+    if not d or d["mean"] is None or not math.isfinite(d["mean"]):
+        return "n/a"
+    return f"{d['mean']:+.1f} ± {(d['ci95'][1] - d['ci95'][0]) / 2:.1f}"
+
+
+def markdown(report: dict[str, Any], meta: dict[str, Any]) -> str:
+    """Table 1 (LDS), the counterfactuals and Table 2 (cost) as markdown."""
+    alphas = report["settings"]["alphas"]
+    lines = [f"Measured by `{meta['command']}` ({meta['contributors']} contributors, property "
+             f"`{report['property']}`, {report['settings']['subsets']} test coalitions per α, "
+             f"{report['settings']['seeds']} retraining seeds; 95% CI = 1.96·sd/√seeds; "
+             f"wall {meta['wallSeconds']:.0f} s).",
+             "", "**Table 1: LDS (%)**", "",
+             "| Method | " + " | ".join(f"α = {a}" for a in alphas) + " | coalitions / seconds |",
+             "|---|" + "---:|" * (len(alphas) + 1)]
+    for name, by_alpha in report["lds"].items():
+        b = report["budget"].get(name)
+        spend = f"{b['coalitions']} / {b['seconds']:.0f}" if b else "-"
+        lines.append(f"| {name} | " + " | ".join(_fmt(by_alpha[str(a)]) for a in alphas) + f" | {spend} |")
+    frac = report["settings"]["fraction"]
+    lines += ["", f"**Counterfactual: ΔF (%) vs. the full set after retraining, removing {frac:.0%}**", "",
+              "| Method | remove top | removed | remove bottom | removed |", "|---|---:|---|---:|---|"]
+    for name, d in report["counterfactual"].items():
+        lines.append(f"| {name} | {_fmt(d['top'])} | {', '.join(d['top']['removed'])} | {_fmt(d['bottom'])} | "
+                     f"{', '.join(d['bottom']['removed'])} |")
+    c, a, t = report["cost"], report["agreement"], meta["sideBySideSeconds"]
+    lines += ["", "**Table 2: efficiency** (median seconds on all contributors, measured alternately in one process)",
+              "", "| | digits |", "|---|---:|",
+              f"| Parameters, full → pruned | {c['paramsFull']:,} → {c['paramsPruned']:,} |",
+              f"| Full-model train steps / FT steps k | {meta['trainSteps']} / {meta['finetuneSteps']} |",
+              f"| Full retrain (train + sample + score) | {t['retrain']:.2f} s |",
+              f"| Sparsified-FT coalition | {t['sparsified']:.2f} s |",
+              f"| FT (unpruned) coalition | {t['ftFull']:.2f} s |",
+              f"| Speedup vs. retrain: sparsified-FT / FT unpruned | {meta['speedup']:.1f}× / "
+              f"{meta['speedupFTFull']:.1f}× |",
+              "", f"Sparsified-FT vs. retrained utilities on the {a['pairs']} test coalitions: Pearson "
+              f"{a['pearsonSparsifiedVsRetrain']:.2f}, Spearman {a['spearmanSparsifiedVsRetrain']:.2f}"
+              + (f"; FT (unpruned) vs. retrained: Pearson {a['pearsonFTFullVsRetrain']:.2f}"
+                 if a.get("pearsonFTFullVsRetrain") is not None else "") + "."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tiny", action="store_true", help="CI size: 4 contributors, a few minutes; writes under --out")
+    ap.add_argument("--contributors", type=int, help="Contributors (default 8; tiny 4); three are planted bad.")
+    ap.add_argument("--subsets", type=int, help="LDS test coalitions per alpha (default 8; tiny 3).")
+    ap.add_argument("--seeds", type=int, help="Retraining seeds per test coalition (default 2).")
+    ap.add_argument("--dir", type=Path, help="Work folder for data and runs (default: a temporary folder).")
+    ap.add_argument("--out", type=Path, help="Results JSON (default: benchmarks/results/paper_table.json; "
+                                             "tiny: <tmp>/paper_table.json).")
+    args = ap.parse_args()
+    size = dict(SIZES["tiny" if args.tiny else "full"])
+    if args.contributors:
+        size["contributors"] = args.contributors
+    for key in ("subsets", "seeds"):
+        if getattr(args, key):
+            size["settings"] = replace(size["settings"], **{key: getattr(args, key)})
+    work = args.dir or Path(tempfile.mkdtemp(prefix="paper-table-"))
+    out = args.out or (work / "paper_table.json" if args.tiny else RESULTS)
+    console = Console(stderr=True)
+    started = time.monotonic()
+    run = parse_manifest(build(work.resolve(), size))
+    execute(run, console=console)
+    uri = open_run(run).uri
+    report = evaluate(uri, size["settings"], console=console)
+    timing = side_by_side(GroundTruth(uri, open_run(run).options), repeats=size["repeats"])
+    meta = {"command": "python benchmarks/paper_table.py " + " ".join(sys.argv[1:]),
+            "contributors": size["contributors"], "finetuneSteps": QUICK["finetune"]["steps"],
+            "trainSteps": size["train"]["steps"], "wallSeconds": time.monotonic() - started,
+            "sideBySideSeconds": timing, "speedup": timing["retrain"] / timing["sparsified"],
+            "speedupFTFull": timing["retrain"] / timing["ftFull"]}
+    for table in report_tables(report):
+        Console().print(table)
+    md = markdown(report, meta)
+    print(md)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"meta": meta, "report": report}, indent=1) + "\n")
+    if not args.tiny and args.out is None:
+        DOC.write_text("# Paper tables at CPU scale (generated by benchmarks/paper_table.py)\n\n" + md)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,223 @@
+"""Scoring contributor values against retrained ground truth (paper §5): LDS, counterfactuals, rankings.
+
+Pure logic (numpy/scipy). The torch side that retrains models lives in ``datacredit.jobs.evaluate``.
+
+* LDS (linear datamodeling score): test coalitions of fixed size ⌊α·n⌋ drawn uniformly; each is retrained
+  from scratch with several seeds; per seed, Spearman ρ × 100 between Σ_{i∈S} φ_i and the observed property;
+  reported as the mean over seeds with a 95% interval (1.96·sd/√k as in the paper, or a seed bootstrap).
+* Counterfactual: drop the top (or bottom) k% of a ranking, retrain, relative change of F vs. the full set.
+* Ground truth: every retrained utility is one JSON line ``{kind, members, seed, config, utility, seconds}``
+  in ``evaluation/<kind>.jsonl`` of the run, so later estimators are scored without retraining.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+from scipy import stats
+
+TRUTH_KINDS = ("retrain", "ft-full")  # retrain from scratch; fine-tune the unpruned full model (FT-Shapley)
+
+
+def truth_key(kind: str, members: Iterable[int], seed: int, config: str) -> str:
+    """Where a ground-truth utility lives: the object ``evaluation/<kind>.jsonl`` and this row key."""
+    return f"{kind}:{','.join(str(m) for m in sorted(members))}:{seed}:{config}"
+
+
+def truth_file(kind: str) -> str:
+    """The run-storage key of a kind's ground-truth table."""
+    if kind not in TRUTH_KINDS:
+        raise ValueError(f"ground-truth kind {kind!r}: expected one of {', '.join(TRUTH_KINDS)}")
+    return f"evaluation/{kind}.jsonl"
+
+
+def config_digest(settings: dict[str, Any]) -> str:
+    """A short stable hash of the settings that change a retrained utility (steps, lr, samples, ...)."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class TruthRow:
+    """One retrained (or fine-tuned) utility: the ground truth estimators are scored against."""
+
+    kind: str
+    members: tuple[int, ...]
+    seed: int
+    config: str
+    utility: float
+    seconds: float = 0.0
+
+    @property
+    def key(self) -> str:
+        return truth_key(self.kind, self.members, self.seed, self.config)
+
+    def to_json(self) -> str:
+        return json.dumps({**asdict(self), "members": list(self.members)})
+
+
+def parse_truth(text: str, source: str = "evaluation table") -> dict[str, TruthRow]:
+    """Rows of a ground-truth JSONL table by key (a later duplicate wins); errors name the line."""
+    rows: dict[str, TruthRow] = {}
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            d = json.loads(line)
+            row = TruthRow(str(d["kind"]), tuple(sorted(int(m) for m in d["members"])), int(d["seed"]),
+                           str(d["config"]), float(d["utility"]), float(d.get("seconds", 0.0)))
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{source} line {n}: not a ground-truth row ({e}); delete the line to retrain it") \
+                from None
+        rows[row.key] = row
+    return rows
+
+
+def format_truth(rows: Iterable[TruthRow]) -> str:
+    """The JSONL text of a ground-truth table."""
+    return "".join(r.to_json() + "\n" for r in rows)
+
+
+# ---------------------------------------------------------------- test coalitions and rankings
+
+
+def datamodel_subsets(n: int, alpha: float, count: int, seed: int = 0) -> list[tuple[int, ...]]:
+    """``count`` coalitions of exactly ⌊α·n⌋ players drawn uniformly (the paper's datamodel distribution),
+    distinct while there are enough of them; sorted member tuples."""
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha={alpha}: must be in (0, 1)")
+    size = max(1, math.floor(alpha * n))
+    available = math.comb(n, size)
+    rng = np.random.default_rng([seed, size, n])
+    out: list[tuple[int, ...]] = []
+    seen: set[tuple[int, ...]] = set()
+    while len(out) < count:
+        s = tuple(sorted(int(i) for i in rng.choice(n, size, replace=False)))
+        if s in seen and len(seen) < available:
+            continue
+        seen.add(s)
+        out.append(s)
+    return out
+
+
+def ranking(scores: Sequence[float] | np.ndarray) -> np.ndarray:
+    """Player indices from the highest score to the lowest (ties by index)."""
+    return np.argsort(-np.asarray(scores, dtype=float), kind="stable")
+
+
+def counterfactual_members(scores: Sequence[float] | np.ndarray, fraction: float, which: str) -> tuple[int, ...]:
+    """The coalition left after removing the ``top`` (or ``bottom``) ``fraction`` of players by score
+    (at least one player is removed)."""
+    if which not in ("top", "bottom"):
+        raise ValueError(f"which={which!r}: expected 'top' or 'bottom'")
+    if not 0 < fraction < 1:
+        raise ValueError(f"fraction={fraction}: must be in (0, 1)")
+    order = ranking(scores)
+    k = max(1, round(fraction * len(order)))
+    removed = order[:k] if which == "top" else order[len(order) - k:]
+    return tuple(sorted(int(i) for i in set(range(len(order))) - {int(r) for r in removed}))
+
+
+def relative_change(observed: float, full: float) -> float:
+    """ΔF in percent of |F(full)|, the paper's counterfactual number."""
+    if full == 0:
+        raise ValueError("F(full) is 0: the relative change is undefined")
+    return 100.0 * (observed - full) / abs(full)
+
+
+# ---------------------------------------------------------------- scores with intervals
+
+
+@dataclass
+class Interval:
+    """A mean over seeds with a 95% interval and the per-seed numbers."""
+
+    mean: float
+    low: float
+    high: float
+    per_seed: list[float] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"mean": self.mean, "ci95": [self.low, self.high], "perSeed": self.per_seed}
+
+    def __str__(self) -> str:
+        return f"{self.mean:+.1f} ± {(self.high - self.low) / 2:.1f}" if math.isfinite(self.mean) else "n/a"
+
+
+def interval(per_seed: Sequence[float], method: str = "normal", resamples: int = 1000, seed: int = 0) -> Interval:
+    """Mean and 95% interval over seeds: ``normal`` is the paper's 1.96·sd/√k, ``t`` a Student-t interval,
+    ``bootstrap`` a percentile bootstrap over seeds. NaN seeds (constant predictions) are left out."""
+    x = np.asarray([v for v in per_seed if math.isfinite(v)], dtype=float)
+    vals = [float(v) for v in per_seed]
+    if len(x) == 0:
+        return Interval(float("nan"), float("nan"), float("nan"), vals)
+    m = float(x.mean())
+    if len(x) == 1:
+        return Interval(m, m, m, vals)
+    if method == "bootstrap":
+        rng = np.random.default_rng(seed)
+        means = x[rng.integers(0, len(x), (resamples, len(x)))].mean(axis=1)
+        lo, hi = np.percentile(means, [2.5, 97.5])
+        return Interval(m, float(lo), float(hi), vals)
+    if method not in ("normal", "t"):
+        raise ValueError(f"interval method {method!r}: expected normal, t or bootstrap")
+    z = 1.96 if method == "normal" else float(stats.t.ppf(0.975, len(x) - 1))
+    half = z * float(x.std(ddof=1)) / math.sqrt(len(x))
+    return Interval(m, m - half, m + half, vals)
+
+
+def spearman100(predicted: Sequence[float], observed: Sequence[float]) -> float:
+    """Spearman ρ × 100; NaN when either side is constant or there are fewer than 3 pairs."""
+    p, o = np.asarray(predicted, dtype=float), np.asarray(observed, dtype=float)
+    if len(p) != len(o):
+        raise ValueError(f"{len(p)} predictions vs {len(o)} observations")
+    if len(p) < 3 or np.ptp(p) == 0 or np.ptp(o) == 0:
+        return float("nan")
+    return 100.0 * float(stats.spearmanr(p, o).statistic)
+
+
+def lds(values: Sequence[float] | np.ndarray, subsets: Sequence[Sequence[int]],
+        observed: dict[int, Sequence[float]], method: str = "normal") -> Interval:
+    """LDS of ``values`` (one per player): per seed, Spearman ×100 between Σ_{i∈S} φ_i over ``subsets`` and
+    ``observed[seed]`` (the retrained utilities of the same subsets in order); mean and 95% interval."""
+    v = np.asarray(values, dtype=float)
+    predicted = [float(v[list(s)].sum()) for s in subsets]
+    return interval([spearman100(predicted, observed[s]) for s in sorted(observed)], method)
+
+
+def pearson(x: Sequence[float], y: Sequence[float]) -> float:
+    """Pearson r; NaN when a side is constant or there are fewer than 3 pairs."""
+    a, b = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if len(a) < 3 or np.ptp(a) == 0 or np.ptp(b) == 0:
+        return float("nan")
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+# ---------------------------------------------------------------- similarity baselines
+
+
+def similarity_scores(queries: np.ndarray, train: np.ndarray, owner: np.ndarray, n_players: int,
+                      aggregate: str = "max") -> np.ndarray:
+    """Per-contributor similarity (paper's pixel / CLIP baselines): cosine between every query (generated)
+    vector and every training vector (rows, mean-centred per vector), aggregated over each contributor's
+    images by ``max`` or ``mean``, then averaged over the queries."""
+    if aggregate not in ("max", "mean"):
+        raise ValueError(f"aggregate={aggregate!r}: expected 'max' or 'mean'")
+
+    def unit(x: np.ndarray) -> np.ndarray:
+        x = x.reshape(len(x), -1).astype(np.float64)
+        x = x - x.mean(axis=1, keepdims=True)
+        return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+    sim = unit(queries) @ unit(train).T  # (queries, train images)
+    out = np.full(n_players, np.nan)
+    for p in range(n_players):
+        cols = sim[:, owner == p]
+        if cols.shape[1]:
+            out[p] = float((cols.max(axis=1) if aggregate == "max" else cols.mean(axis=1)).mean())
+    return out

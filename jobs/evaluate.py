@@ -1,0 +1,373 @@
+"""`datacredit evaluate`: score a run's values against models retrained from scratch (paper §5).
+
+Ground truth (stored in the run under ``evaluation/``, reused by every later call):
+
+* ``retrain``: a fresh full model trained on the subset's images with ``spec.model.train``, sampled with the
+  run's sampler and scored with the run's fitted property, per optimisation seed.
+* ``ft-full``: the unpruned full model (``prepare/sparsified/full``) fine-tuned on the subset for
+  ``spec.method.finetune.steps``: the utility of FT-Shapley (fine-tuning without pruning).
+
+Rankers compared: the run's sparsified-FT Shapley values, FT-Shapley and retraining Shapley at the same compute
+budget (seconds) as the sparsified-FT run, leave-one-out by retraining, and pixel / embedding similarity of each
+contributor's images to the full model's samples.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from datacredit import evaluation as ev
+from datacredit import layout
+from datacredit.results import load_results
+from datacredit.runstate import planner_for
+from datacredit.shapley import estimate_from_table
+from datacredit.shapley.table import as_row
+from datacredit.storage import S3Options, open_storage, read_json, write_json
+
+from .device import set_threads
+from .families import get_family
+from .families.ddpm import FULL_DIR
+from .pipeline import finetune_and_sample
+from .properties.digits import ClassifierProperty
+from .sample import sample_ddim
+from .train import Checkpoint, train_ddpm
+from .unet import build_unet
+from .worker import _load_run, _local_copy, _prepared, run_coalition
+
+REPORT = "evaluation/report.json"
+SUPPORTED_FAMILIES = ("ddpm",)
+BASELINES = ("loo", "ft-shapley", "retrain-shapley", "pixel", "embedding")
+
+
+class EvaluationError(ValueError):
+    """The run cannot be evaluated as asked (unsupported family, missing results or prepare outputs)."""
+
+
+@dataclass
+class EvalSettings:
+    """What to evaluate and how much to retrain."""
+
+    alphas: tuple[float, ...] = (0.25, 0.5, 0.75)
+    subsets: int = 10  # test coalitions per alpha
+    seeds: int = 3  # optimisation seeds per retrained test coalition
+    fraction: float = 0.4  # counterfactual: remove the top / bottom fraction of a ranking
+    baselines: tuple[str, ...] = BASELINES
+    interval: str = "normal"  # normal (paper) | t | bootstrap
+
+
+class GroundTruth:
+    """Retrained / fine-tuned utilities of a run, read from and appended to ``evaluation/<kind>.jsonl``."""
+
+    def __init__(self, run_uri: str, options: S3Options, progress: Progress | None = None):
+        self.store = open_storage(run_uri, options)
+        family = _load_run(self.store).spec.model.family
+        if family not in SUPPORTED_FAMILIES:
+            raise EvaluationError(f"evaluate: not supported yet for family {family!r} (supported: "
+                                  f"{', '.join(SUPPORTED_FAMILIES)})")
+        self.p = _prepared(run_uri, options)
+        self.progress = progress
+        self.trained = 0  # utilities computed (not reused) by this object
+        self.sparsified, self.data = self.p.state
+        s = self.p.run.spec
+        shared = {"samples": s.property.samples, "sampler": s.method.sampler.steps, "property": s.property.name,
+                  "run": self.p.manifest["configHash"]}
+        self.configs = {
+            "retrain": ev.config_digest({**shared, "train": s.model.train.model_dump(),
+                                         "arch": s.model.architecture.model_dump()}),
+            "ft-full": ev.config_digest({**shared, "finetune": s.method.finetune.model_dump()}),
+        }
+        self.rows = {k: self._read(k) for k in ev.TRUTH_KINDS}
+        self._full: Checkpoint | None = None
+
+    def _read(self, kind: str) -> dict[str, ev.TruthRow]:
+        key = ev.truth_file(kind)
+        if not self.store.exists(key):
+            return {}
+        return ev.parse_truth(self.store.read_bytes(key).decode(), f"{self.store.uri}/{key}")
+
+    def _lookup(self, kind: str, members: tuple[int, ...], seed: int) -> ev.TruthRow | None:
+        return self.rows[kind].get(ev.truth_key(kind, members, seed, self.configs[kind]))
+
+    def get(self, kind: str, requests: list[tuple[tuple[int, ...], int]], label: str) -> list[ev.TruthRow]:
+        """The rows for ``(members, seed)`` requests, training only those not stored yet (then saved)."""
+        todo = list(dict.fromkeys(r for r in requests if self._lookup(kind, *r) is None))
+        task = self.progress.add_task(label, total=len(todo)) if self.progress and todo else None
+        for members, seed in todo:
+            utility, seconds = (self.retrain if kind == "retrain" else self.finetune_full)(members, seed)
+            row = ev.TruthRow(kind, members, seed, self.configs[kind], utility, seconds)
+            self.rows[kind][row.key] = row
+            self.trained += 1
+            self.store.write_bytes(ev.truth_file(kind), ev.format_truth(self.rows[kind].values()).encode())
+            if task is not None and self.progress:
+                self.progress.advance(task)
+        out = [self._lookup(kind, *r) for r in requests]
+        return [r for r in out if r is not None]
+
+    def _images(self, members: tuple[int, ...]) -> torch.Tensor:
+        return self.data.images[torch.from_numpy(np.isin(self.p.owner, members))]
+
+    def _score(self, samples: torch.Tensor, what: str) -> float:
+        u = float(self.p.prop.score(samples))
+        if not np.isfinite(u):
+            raise RuntimeError(f"property {self.p.run.spec.property.name!r} returned {u} for {what}")
+        return u
+
+    def retrain(self, members: tuple[int, ...], seed: int) -> tuple[float, float]:
+        """Utility and seconds of a fresh model trained on ``members``' images (not stored)."""
+        s = self.p.run.spec
+        arch, t = s.model.architecture, s.model.train
+        t0 = time.perf_counter()
+        images = self.data.images
+        torch.manual_seed(seed)
+        model = build_unet(sample_size=images.shape[-1], in_channels=images.shape[1],
+                           block_out_channels=tuple(arch.block_out_channels), layers_per_block=arch.layers_per_block,
+                           attention=arch.attention)
+        result = train_ddpm(model, self._images(members), t.steps, t.learning_rate, t.batch_size, seed=seed)
+        samples = sample_ddim(result.inference_model, s.property.samples, s.method.sampler.steps, seed=seed)
+        return self._score(samples, f"retrained {list(members)}"), time.perf_counter() - t0
+
+    def full_model(self) -> Checkpoint:
+        """The unpruned full model prepare saved (``prepare/sparsified/full``)."""
+        if self._full is None:
+            folder = _local_copy(self.store, layout.SPARSIFIED, "eval-" + self.p.manifest["configHash"]) / FULL_DIR
+            if not (folder / "model").is_dir():
+                raise EvaluationError(f"{self.store.uri}/{layout.SPARSIFIED}/{FULL_DIR}: no full model; it is saved "
+                                      f"by prepare since evaluation support: delete prepare/ and rerun the run")
+            self._full = Checkpoint.load(folder)
+        return self._full
+
+    def finetune_full(self, members: tuple[int, ...], seed: int) -> tuple[float, float]:
+        """Utility and seconds of the unpruned full model fine-tuned on ``members`` (not stored)."""
+        s = self.p.run.spec
+        ft = s.method.finetune
+        t0 = time.perf_counter()
+        samples, _, _ = finetune_and_sample(self.full_model(), self._images(members), steps=ft.steps,
+                                            lr=ft.learning_rate, batch_size=ft.batch_size,
+                                            n_samples=s.property.samples, ddim_steps=s.method.sampler.steps,
+                                            seed=seed)
+        return self._score(samples, f"fine-tuned full model on {list(members)}"), time.perf_counter() - t0
+
+
+def side_by_side(gt: GroundTruth, repeats: int = 3) -> dict[str, float]:
+    """Median seconds of one full retrain, one fine-tuning of the unpruned model and one sparsified-FT coalition
+    on all contributors, measured alternately in this process (so machine load hits all three alike)."""
+    run = gt.p.run
+    mask = np.ones(len(gt.p.owner), dtype=bool)
+    full = tuple(range(len(gt.p.manifest["contributors"])))
+    family = get_family(run.spec.model.family)
+    times: dict[str, list[float]] = {"retrain": [], "ftFull": [], "sparsified": []}
+    for k in range(repeats):
+        seed = run.spec.seed + 10_000 + k
+        times["retrain"].append(gt.retrain(full, seed)[1])
+        times["ftFull"].append(gt.finetune_full(full, seed)[1])
+        t0 = time.perf_counter()
+        gt.p.prop.score(family.coalition(run, gt.p.state, mask, seed)[0])
+        times["sparsified"].append(time.perf_counter() - t0)
+    return {k: float(np.median(v)) for k, v in times.items()}
+
+
+def _sparsified_cost(prepare: dict[str, Any], coalitions: list[dict[str, Any]]) -> float:
+    """Seconds the sparsified-FT run spent beyond the full model: pruning, its fine-tuning, all coalitions."""
+    sec = prepare.get("seconds", {})
+    return float(sec.get("prune", 0.0) + sec.get("prune_finetune", 0.0)
+                 + sum(c["seconds"].get("total", 0.0) for c in coalitions))
+
+
+def _budgeted_shapley(gt: GroundTruth, kind: str, seconds: float, label: str) -> tuple[np.ndarray, dict[str, Any]]:
+    """Shapley values from ``kind`` utilities of the run's planner coalitions, in plan order, until the
+    stored/measured seconds reach ``seconds`` (equal compute budget)."""
+    run, n = gt.p.run, len(gt.p.manifest["contributors"])
+    seed = run.spec.seed
+    rows: list[dict[str, Any]] = []
+    spent = 0.0
+    for coal in planner_for(run, n).plan.sequence:
+        if spent >= seconds:
+            break
+        members = tuple(int(i) for i in np.flatnonzero(coal))
+        row = gt.get(kind, [(members, seed)], label)[0]
+        spent += row.seconds
+        rows.append({"members": list(members), "utility": row.utility})
+    info = {"coalitions": len(rows), "seconds": round(spent, 1)}
+    try:
+        est = estimate_from_table(rows, n_players=n, method=run.spec.estimator.name)
+    except (ValueError, np.linalg.LinAlgError) as e:
+        info["error"] = str(e)
+        return np.full(n, np.nan), info
+    return np.asarray(est.values, dtype=float), info
+
+
+def _similarity(gt: GroundTruth, n: int, which: str) -> dict[str, np.ndarray]:
+    """Pixel or embedding similarity (max and mean) of each contributor's images to the full model's samples."""
+    s = gt.p.run.spec
+    samples = sample_ddim(gt.full_model().inference_model, s.property.samples, s.method.sampler.steps, seed=s.seed)
+    train = gt.data.images
+    if which == "embedding":
+        if not isinstance(gt.p.prop, ClassifierProperty):
+            return {}
+        # the property's classifier features stand in for CLIP at digit scale
+        samples_f, train_f = gt.p.prop._run(samples)[0], gt.p.prop._run(train)[0]
+    else:
+        samples_f, train_f = samples.numpy(), train.numpy()
+    return {f"{which}-{agg}": ev.similarity_scores(samples_f, train_f, gt.p.owner, n, agg) for agg in ("max", "mean")}
+
+
+def _run_rows(store: Any) -> list[Any]:
+    """The run's coalition utilities (results/utilities.jsonl) as rows."""
+    if not store.exists(layout.UTILITIES):
+        raise EvaluationError(f"{store.uri}: no {layout.UTILITIES}; finish the run first (`datacredit run`)")
+    return [as_row(json.loads(line)) for line in store.read_bytes(layout.UTILITIES).decode().splitlines() if line]
+
+
+def _values_of_run(store: Any, names: list[str]) -> np.ndarray:
+    try:
+        doc = load_results(store)
+    except FileNotFoundError:
+        raise EvaluationError(f"{store.uri}: no results/shapley.json; finish the run first (`datacredit run`)") \
+            from None
+    by_name = {r["name"]: r["value"] for r in doc["contributors"]}
+    return np.asarray([by_name[nm] for nm in names], dtype=float)
+
+
+def evaluate(run_uri: str, settings: EvalSettings, *, options: S3Options | None = None,
+             console: Console | None = None, on_truth: Callable[[GroundTruth], None] | None = None
+             ) -> dict[str, Any]:
+    """Evaluate a finished run: LDS per ranker and alpha, counterfactuals, cost; writes ``evaluation/report.json``
+    in the run and returns it. ``on_truth`` sees the ground-truth object at the end (tests count retrains)."""
+    unknown = set(settings.baselines) - set(BASELINES)
+    if unknown:
+        raise EvaluationError(f"--baselines: unknown {', '.join(sorted(unknown))}; choose from {', '.join(BASELINES)}")
+    options = options or S3Options()
+    console = console or Console(stderr=True)
+    set_threads()
+    store = open_storage(run_uri, options)
+    columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("eta"), TimeRemainingColumn()]
+    with Progress(*columns, console=console) as bar:
+        gt = GroundTruth(run_uri, options, bar)
+        run, manifest = gt.p.run, gt.p.manifest
+        names = [c["name"] for c in manifest["contributors"]]
+        n, seed0 = len(names), run.spec.seed
+        seeds = [seed0 + k for k in range(settings.seeds)]
+        rankers: dict[str, np.ndarray] = {"sparsified-FT Shapley": _values_of_run(store, names)}
+        budgets: dict[str, dict[str, Any]] = {}
+        planned = {tuple(r.members) for r in _run_rows(store)}  # the run's own coalitions, not evaluate's
+        coalitions = [c for c in (read_json(store, k) for k in store.list("coalitions") if k.endswith("/result.json"))
+                      if tuple(c["members"]) in planned]
+        prepare = read_json(store, layout.PREPARE_RESULT)
+        budget_s = _sparsified_cost(prepare, coalitions)
+        budgets["sparsified-FT Shapley"] = {"coalitions": len(coalitions), "seconds": round(budget_s, 1)}
+
+        full = tuple(range(n))
+        if "loo" in settings.baselines:
+            loo = gt.get("retrain", [(full, seed0)] + [(full[:i] + full[i + 1:], seed0) for i in range(n)],
+                         "LOO retrains")
+            rankers["LOO (retrain)"] = np.asarray([loo[0].utility - r.utility for r in loo[1:]])
+            budgets["LOO (retrain)"] = {"coalitions": n + 1, "seconds": round(sum(r.seconds for r in loo), 1)}
+        for name, kind, flag in (("FT-Shapley", "ft-full", "ft-shapley"),
+                                 ("retrain Shapley", "retrain", "retrain-shapley")):
+            if flag in settings.baselines:
+                rankers[name], budgets[name] = _budgeted_shapley(gt, kind, budget_s, f"{name} (equal budget)")
+        for which in ("pixel", "embedding"):
+            if which in settings.baselines:
+                rankers.update(_similarity(gt, n, which))
+
+        # LDS test coalitions, retrained with every seed
+        tests = {a: ev.datamodel_subsets(n, a, settings.subsets, seed=seed0) for a in settings.alphas}
+        observed: dict[float, dict[int, list[float]]] = {}
+        for a, subs in tests.items():
+            rows = gt.get("retrain", [(s, sd) for sd in seeds for s in subs], f"LDS α={a} retrains")
+            observed[a] = {sd: [r.utility for r in rows[k * len(subs):(k + 1) * len(subs)]]
+                           for k, sd in enumerate(seeds)}
+        lds = {name: {str(a): ev.lds(v, tests[a], observed[a], settings.interval).to_dict() for a in settings.alphas}
+               for name, v in rankers.items() if np.isfinite(v).all()}
+
+        # counterfactual: remove top / bottom fraction, retrain with every seed, vs. the full set
+        full_rows = gt.get("retrain", [(full, sd) for sd in seeds], "full-set retrains")
+        counterfactual: dict[str, Any] = {}
+        for name, v in rankers.items():
+            if not np.isfinite(v).all():
+                continue
+            counterfactual[name] = {}
+            for which in ("top", "bottom"):
+                kept = ev.counterfactual_members(v, settings.fraction, which)
+                rows = gt.get("retrain", [(kept, sd) for sd in seeds], f"counterfactual {which}")
+                change = [ev.relative_change(r.utility, f.utility) for r, f in zip(rows, full_rows, strict=True)]
+                counterfactual[name][which] = {"removed": [names[i] for i in sorted(set(full) - set(kept))],
+                                               **ev.interval(change, settings.interval).to_dict()}
+
+        # how well sparsified-FT utilities track retrained ones on the test coalitions (paper Appendix D)
+        pairs = []
+        for a in settings.alphas:
+            for k, members in enumerate(tests[a]):
+                sparse = run_coalition(run_uri, list(members), options=options)["utility"]
+                pairs.append((sparse, float(np.mean([obs[k] for obs in observed[a].values()]))))
+        ft_rows = gt.get("ft-full", [(s, seed0) for a in settings.alphas for s in tests[a]], "FT (full) on tests") \
+            if "ft-shapley" in settings.baselines else []
+
+    retrain_s = [r.seconds for r in gt.rows["retrain"].values() if len(r.members) == n]
+    sparse_s = [c["seconds"]["total"] for c in coalitions if "total" in c.get("seconds", {})]
+    ft_s = [r.seconds for r in gt.rows["ft-full"].values()]
+    cost = {"retrainSeconds": float(np.median(retrain_s)) if retrain_s else None,
+            "sparsifiedCoalitionSeconds": float(np.median(sparse_s)) if sparse_s else None,
+            "ftFullCoalitionSeconds": float(np.median(ft_s)) if ft_s else None,
+            "paramsFull": prepare.get("paramsFull"), "paramsPruned": prepare.get("paramsPruned")}
+    if cost["retrainSeconds"] and cost["sparsifiedCoalitionSeconds"]:
+        cost["speedup"] = cost["retrainSeconds"] / cost["sparsifiedCoalitionSeconds"]
+    agreement = {"pairs": len(pairs),
+                 "pearsonSparsifiedVsRetrain": ev.pearson(*zip(*pairs, strict=True)) if pairs else None,
+                 "spearmanSparsifiedVsRetrain": ev.spearman100(*zip(*pairs, strict=True)) / 100 if pairs else None}
+    if ft_rows:
+        retrained = [p[1] for p in pairs]
+        agreement["pearsonFTFullVsRetrain"] = ev.pearson([r.utility for r in ft_rows], retrained)
+    report = {
+        "run": run_uri,
+        "property": run.spec.property.name,
+        "contributors": names,
+        "settings": {**asdict(settings), "seedList": seeds},
+        "values": {k: [float(x) for x in v] for k, v in rankers.items()},
+        "budget": budgets,
+        "lds": lds,
+        "counterfactual": counterfactual,
+        "fullUtility": ev.interval([r.utility for r in full_rows], settings.interval).to_dict(),
+        "agreement": agreement,
+        "cost": cost,
+        "retrainedNow": gt.trained,
+    }
+    write_json(store, REPORT, report)
+    if on_truth:
+        on_truth(gt)
+    return report
+
+
+def report_tables(report: dict[str, Any]) -> list[Any]:
+    """Rich tables of a report: LDS per ranker and alpha, and the counterfactuals."""
+    from rich.table import Table
+
+    alphas = report["settings"]["alphas"]
+    t = Table(title=f"LDS (Spearman × 100, 95% CI over {report['settings']['seeds']} seeds), property "
+                    f"{report['property']}")
+    t.add_column("ranker")
+    for a in alphas:
+        t.add_column(f"α={a}", justify="right")
+    t.add_column("budget", justify="right")
+    for name, by_alpha in report["lds"].items():
+        b = report["budget"].get(name, {})
+        t.add_row(name, *(str(ev.Interval(d["mean"], *d["ci95"])) for d in (by_alpha[str(a)] for a in alphas)),
+                  f"{b['coalitions']} / {b['seconds']:.0f}s" if b else "-")
+    c = Table(title=f"Counterfactual ΔF (%) vs. the full set, removing {report['settings']['fraction']:.0%}")
+    c.add_column("ranker")
+    c.add_column("remove top", justify="right")
+    c.add_column("remove bottom", justify="right")
+    for name, d in report["counterfactual"].items():
+        c.add_row(name, *(str(ev.Interval(d[w]["mean"], *d[w]["ci95"])) for w in ("top", "bottom")))
+    return [t, c]
+

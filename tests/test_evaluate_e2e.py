@@ -1,0 +1,78 @@
+"""`datacredit evaluate` on a tiny run: retrained ground truth is stored once and reused on the next call."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from datacredit import evaluation as ev
+from datacredit.cli import app
+from datacredit.local import execute
+from datacredit.runstate import open_run
+from datacredit.spec import parse_manifest
+from tests.tiny import CONTRIBUTORS, TinyData, tiny_manifest
+
+pytestmark = pytest.mark.workload
+
+
+def test_evaluate_stores_and_reuses_ground_truth(tiny_data: TinyData, tmp_path: Path) -> None:
+    from datacredit.jobs.evaluate import EvalSettings, GroundTruth, evaluate
+
+    manifest = tiny_manifest("tiny-eval", str(tiny_data.images), str(tiny_data.reference),
+                             {"uri": str(tmp_path / "runs")}, estimator="kernel", budget=8)
+    manifest["spec"]["model"]["train"].update(steps=12, batchSize=16)  # every retrain trains this from scratch
+    run = parse_manifest(manifest)
+    execute(run)
+    ref = open_run(run)
+    settings = EvalSettings(alphas=(0.5,), subsets=3, seeds=2, fraction=0.25,
+                            baselines=("loo", "ft-shapley", "retrain-shapley", "pixel", "embedding"))
+    seen: list[GroundTruth] = []
+    first = evaluate(ref.uri, settings, on_truth=seen.append)
+
+    n = len(CONTRIBUTORS)
+    assert first["retrainedNow"] > 0
+    assert {"sparsified-FT Shapley", "LOO (retrain)", "FT-Shapley", "pixel-max", "embedding-mean"} <= set(first["lds"])
+    assert first["budget"]["retrain Shapley"]["coalitions"] >= 1
+    for by_alpha in first["lds"].values():
+        d = by_alpha["0.5"]
+        assert len(d["perSeed"]) == 2 and d["ci95"][0] <= d["mean"] <= d["ci95"][1]
+    # LOO is v(N) - v(N \ i) of the stored seed-0 retrains
+    truth = seen[0].rows["retrain"]
+    cfg = seen[0].configs["retrain"]
+    full = truth[ev.truth_key("retrain", range(n), run.spec.seed, cfg)].utility
+    without0 = truth[ev.truth_key("retrain", range(1, n), run.spec.seed, cfg)].utility
+    assert first["values"]["LOO (retrain)"][0] == pytest.approx(full - without0)
+    # the counterfactuals remove the ranking's best and worst contributor (fraction 0.25 of 4)
+    values = dict(zip(CONTRIBUTORS, first["values"]["sparsified-FT Shapley"], strict=True))
+    cf = first["counterfactual"]["sparsified-FT Shapley"]
+    assert cf["top"]["removed"] == [max(values, key=values.__getitem__)]
+    assert cf["bottom"]["removed"] == [min(values, key=values.__getitem__)]
+    assert len(cf["top"]["perSeed"]) == 2
+    assert np.isfinite(first["agreement"]["pearsonSparsifiedVsRetrain"])
+    assert ref.store.exists("evaluation/retrain.jsonl") and ref.store.exists("evaluation/report.json")
+
+    # a second call retrains nothing and reproduces the report from storage
+    again = evaluate(ref.uri, settings, on_truth=seen.append)
+    assert seen[1].trained == 0 and again["retrainedNow"] == 0
+    assert again["lds"] == first["lds"] and again["counterfactual"] == first["counterfactual"]
+
+    # the CLI prints the tables from the same stored ground truth
+    res = CliRunner().invoke(app, ["evaluate", ref.uri, "--alphas", "0.5", "--subsets", "3", "--seeds", "2",
+                                   "--fraction", "0.25"])  # default --baselines: all five
+    assert res.exit_code == 0, res.output
+    assert "LDS" in res.output and "retrained now: 0" in res.output
+
+
+def test_evaluate_refuses_other_families(tmp_path: Path) -> None:
+    from datacredit.jobs.evaluate import EvalSettings, EvaluationError, evaluate
+    from datacredit.storage import open_storage, write_json
+
+    manifest = tiny_manifest("tiny-ldm", "/nowhere", "/nowhere", {"uri": str(tmp_path)})
+    manifest["spec"]["model"].update(family="ldm", autoencoder=str(tmp_path))
+    store = open_storage(str(tmp_path / "run"))
+    write_json(store, "run.json", {"manifest": parse_manifest(manifest).to_manifest()})
+    with pytest.raises(EvaluationError, match="not supported yet for family 'ldm'"):
+        evaluate(store.uri, EvalSettings())

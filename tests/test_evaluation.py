@@ -1,0 +1,89 @@
+"""Pure evaluation logic: test coalitions, LDS with intervals, counterfactuals, similarity, ground-truth table."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from datacredit import evaluation as ev
+
+
+def test_datamodel_subsets_fixed_size_distinct_and_deterministic() -> None:
+    subs = ev.datamodel_subsets(8, 0.5, 20, seed=3)
+    assert all(len(s) == 4 and list(s) == sorted(set(s)) and max(s) < 8 for s in subs)
+    assert len(set(subs)) == 20
+    assert subs == ev.datamodel_subsets(8, 0.5, 20, seed=3) != ev.datamodel_subsets(8, 0.5, 20, seed=4)
+    assert {len(s) for s in ev.datamodel_subsets(8, 0.25, 5)} == {2}
+    # more requests than distinct coalitions: all distinct ones appear, then repeats
+    small = ev.datamodel_subsets(4, 0.25, 6)
+    assert set(small) == {(0,), (1,), (2,), (3,)}
+    with pytest.raises(ValueError, match="alpha"):
+        ev.datamodel_subsets(8, 1.0, 3)
+
+
+def test_lds_matches_scipy_and_orders_good_and_bad_values() -> None:
+    rng = np.random.default_rng(0)
+    truth = rng.normal(size=10)
+    subs = ev.datamodel_subsets(10, 0.5, 30, seed=0)
+    observed = {s: [truth[list(m)].sum() + rng.normal(scale=0.3) for m in subs] for s in (42, 43, 44)}
+    good = ev.lds(truth, subs, observed)
+    bad = ev.lds(-truth, subs, observed)
+    assert good.mean > 80 and bad.mean < -80
+    pred = [truth[list(m)].sum() for m in subs]
+    per_seed = [100 * stats.spearmanr(pred, observed[s]).statistic for s in (42, 43, 44)]
+    np.testing.assert_allclose(good.per_seed, per_seed)
+    half = 1.96 * np.std(per_seed, ddof=1) / math.sqrt(3)
+    assert good.low == pytest.approx(np.mean(per_seed) - half) and good.high == pytest.approx(np.mean(per_seed) + half)
+
+
+def test_interval_methods_and_constant_predictions() -> None:
+    x = [10.0, 20.0, 30.0, 40.0]
+    normal, t, boot = ev.interval(x), ev.interval(x, "t"), ev.interval(x, "bootstrap")
+    assert normal.mean == t.mean == boot.mean == 25.0
+    assert (t.high - t.low) > (normal.high - normal.low)  # t has fatter tails at 4 seeds
+    assert 10.0 <= boot.low < 25.0 < boot.high <= 40.0
+    assert math.isnan(ev.spearman100([1, 1, 1], [1, 2, 3]))
+    nan_seed = ev.interval([float("nan"), 5.0, 7.0])
+    assert nan_seed.mean == 6.0 and math.isnan(nan_seed.per_seed[0])
+    with pytest.raises(ValueError, match="interval method"):
+        ev.interval(x, "wild")
+
+
+def test_counterfactual_members_and_relative_change() -> None:
+    scores = [0.5, -1.0, 2.0, 0.1, -0.2]
+    assert ev.ranking(scores).tolist() == [2, 0, 3, 4, 1]
+    assert ev.counterfactual_members(scores, 0.4, "top") == (1, 3, 4)
+    assert ev.counterfactual_members(scores, 0.4, "bottom") == (0, 2, 3)
+    assert ev.counterfactual_members(scores, 0.01, "top") == (0, 1, 3, 4)  # at least one removed
+    assert ev.relative_change(-12.0, -10.0) == pytest.approx(-20.0)
+    assert ev.relative_change(3.0, 2.0) == pytest.approx(50.0)
+    with pytest.raises(ValueError, match="which"):
+        ev.counterfactual_members(scores, 0.4, "middle")
+
+
+def test_similarity_scores_credit_the_contributor_nearest_the_queries() -> None:
+    rng = np.random.default_rng(1)
+    proto = rng.normal(size=(2, 16))
+    train = np.concatenate([proto[0] + 0.1 * rng.normal(size=(5, 16)), proto[1] + 0.1 * rng.normal(size=(5, 16))])
+    owner = np.repeat([0, 1], 5)
+    queries = proto[0] + 0.1 * rng.normal(size=(7, 16))
+    for agg in ("max", "mean"):
+        s = ev.similarity_scores(queries, train, owner, 3, agg)
+        assert s[0] > s[1] and math.isnan(s[2])  # player 2 has no images
+    assert ev.similarity_scores(queries, train, owner, 2, "max")[0] >= ev.similarity_scores(
+        queries, train, owner, 2, "mean")[0]
+
+
+def test_truth_table_roundtrip_and_errors() -> None:
+    rows = [ev.TruthRow("retrain", (0, 2), 42, "abc", -3.5, 1.2), ev.TruthRow("retrain", (1,), 43, "abc", -4.0)]
+    parsed = ev.parse_truth(ev.format_truth(rows))
+    assert list(parsed.values()) == rows
+    assert ev.truth_key("retrain", [2, 0], 42, "abc") in parsed
+    assert ev.config_digest({"a": 1, "b": 2}) == ev.config_digest({"b": 2, "a": 1}) != ev.config_digest({"a": 2})
+    with pytest.raises(ValueError, match="line 2"):
+        ev.parse_truth(rows[0].to_json() + "\n{\"kind\": \"retrain\"}\n", "t.jsonl")
+    with pytest.raises(ValueError, match="ground-truth kind"):
+        ev.truth_file("guess")
