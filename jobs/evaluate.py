@@ -41,7 +41,7 @@ from .properties.digits import ClassifierProperty
 from .sample import sample_ddim
 from .train import Checkpoint, train_ddpm
 from .unet import build_unet
-from .worker import _load_run, _local_copy, _prepared, run_coalition
+from .worker import load_run, local_copy, prepared_run, run_coalition
 
 REPORT = "evaluation/report.json"
 SUPPORTED_FAMILIES = ("ddpm",)
@@ -69,11 +69,11 @@ class GroundTruth:
 
     def __init__(self, run_uri: str, options: S3Options, progress: Progress | None = None):
         self.store = open_storage(run_uri, options)
-        family = _load_run(self.store).spec.model.family
+        family = load_run(self.store).spec.model.family
         if family not in SUPPORTED_FAMILIES:
             raise EvaluationError(f"evaluate: not supported yet for family {family!r} (supported: "
                                   f"{', '.join(SUPPORTED_FAMILIES)})")
-        self.p = _prepared(run_uri, options)
+        self.p = prepared_run(run_uri, options)
         self.progress = progress
         self.trained = 0  # utilities computed (not reused) by this object
         self.sparsified, self.data = self.p.state
@@ -138,7 +138,7 @@ class GroundTruth:
     def full_model(self) -> Checkpoint:
         """The unpruned full model prepare saved (``prepare/sparsified/full``)."""
         if self._full is None:
-            folder = _local_copy(self.store, layout.SPARSIFIED, "eval-" + self.p.manifest["configHash"]) / FULL_DIR
+            folder = local_copy(self.store, layout.SPARSIFIED, "eval-" + self.p.manifest["configHash"]) / FULL_DIR
             if not (folder / "model").is_dir():
                 raise EvaluationError(f"{self.store.uri}/{layout.SPARSIFIED}/{FULL_DIR}: no full model; it is saved "
                                       f"by prepare since evaluation support: delete prepare/ and rerun the run")
@@ -214,7 +214,7 @@ def _similarity(gt: GroundTruth, n: int, which: str) -> dict[str, np.ndarray]:
         if not isinstance(gt.p.prop, ClassifierProperty):
             return {}
         # the property's classifier features stand in for CLIP at digit scale
-        samples_f, train_f = gt.p.prop._run(samples)[0], gt.p.prop._run(train)[0]
+        samples_f, train_f = gt.p.prop.features_and_probs(samples)[0], gt.p.prop.features_and_probs(train)[0]
     else:
         samples_f, train_f = samples.numpy(), train.numpy()
     return {f"{which}-{agg}": ev.similarity_scores(samples_f, train_f, gt.p.owner, n, agg) for agg in ("max", "mean")}

@@ -40,7 +40,7 @@ def _versions() -> dict[str, str]:
             "torch_pruning": torch_pruning.__version__, "python": platform.python_version()}
 
 
-def _load_run(store: Storage) -> ValuationRun:
+def load_run(store: Storage) -> ValuationRun:
     try:
         doc = read_json(store, layout.RUN)
     except FileNotFoundError:
@@ -55,7 +55,7 @@ def _cache_root() -> Path:
     return root
 
 
-def _local_copy(store: Storage, prefix: str, tag: str) -> Path:
+def local_copy(store: Storage, prefix: str, tag: str) -> Path:
     """A local folder with the storage prefix's files (local storage is used in place)."""
     from datacredit.storage import LocalStorage
 
@@ -95,7 +95,7 @@ def _fetch(uri: str, field: str, options: S3Options) -> Path:
     store = open_storage(uri, options)
     if not store.list():
         raise DatasetError(f"{field}: nothing at {uri}")
-    return _local_copy(store, "", tag)
+    return local_copy(store, "", tag)
 
 
 def _assets(options: S3Options) -> Assets:
@@ -186,7 +186,7 @@ def run_prepare(run_uri: str, *, options: S3Options | None = None, progress: boo
     if store.exists(layout.PREPARE_RESULT):
         return read_json(store, layout.PREPARE_RESULT)
     set_threads()
-    run = _load_run(store)
+    run = load_run(store)
     s = run.spec
     family, assets = get_family(s.model.family), _assets(options)
     seconds: dict[str, float] = {}
@@ -240,7 +240,9 @@ def run_prepare(run_uri: str, *, options: S3Options | None = None, progress: boo
 
 
 @dataclass
-class _Prepared:
+class PreparedRun:
+    """What every coalition of a run reuses: the spec, contributor table, family state and fitted property."""
+
     run: ValuationRun
     manifest: dict[str, Any]
     owner: np.ndarray
@@ -249,22 +251,22 @@ class _Prepared:
 
 
 @lru_cache(maxsize=2)
-def _prepared(run_uri: str, options: S3Options) -> _Prepared:
+def prepared_run(run_uri: str, options: S3Options) -> PreparedRun:
     """What every coalition of a run reuses; cached per process (the local pool runs many coalitions)."""
     store = open_storage(run_uri, options)
     if not store.exists(layout.PREPARE_RESULT):
         raise DatasetError(f"{run_uri}: prepare has not finished (no {layout.PREPARE_RESULT})")
-    run = _load_run(store)
+    run = load_run(store)
     with np.load(io.BytesIO(store.read_bytes(layout.DATASET))) as z:
         images, owner = z["images"], z["owner"]
         captions = [str(c) for c in z["captions"]] if "captions" in z else [""] * len(images)
     tag = contributor_id(run_uri + store.read_bytes(layout.PREPARE_RESULT).decode())  # new prepare, new copy
     assets = _assets(options)
     prop = property_for(run.spec.property, assets.get)
-    prop.fit(None, None, _local_copy(store, layout.PROPERTY_CACHE, tag), seed=run.spec.seed)
+    prop.fit(None, None, local_copy(store, layout.PROPERTY_CACHE, tag), seed=run.spec.seed)
     data = TrainData(_to_tensor(images), owner, captions)
-    state = get_family(run.spec.model.family).load(run, _local_copy(store, layout.SPARSIFIED, tag), data, assets)
-    return _Prepared(run, read_json(store, layout.MANIFEST), owner, state, prop)
+    state = get_family(run.spec.model.family).load(run, local_copy(store, layout.SPARSIFIED, tag), data, assets)
+    return PreparedRun(run, read_json(store, layout.MANIFEST), owner, state, prop)
 
 
 def run_coalition(run_uri: str, members: list[int], *, attempt: int = 1,
@@ -273,7 +275,7 @@ def run_coalition(run_uri: str, members: list[int], *, attempt: int = 1,
     options = options or S3Options()
     set_threads()
     store = open_storage(run_uri, options)
-    p = _prepared(run_uri, options)
+    p = prepared_run(run_uri, options)
     contributors = p.manifest["contributors"]
     bad = [m for m in members if not 0 <= m < len(contributors)]
     if bad or len(set(members)) != len(members):

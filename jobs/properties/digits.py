@@ -71,7 +71,7 @@ class ClassifierProperty:
         tmp.replace(path)
 
     @torch.no_grad()
-    def _run(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    def features_and_probs(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """Penultimate features and class probabilities of images in [-1, 1]."""
         if self.classifier is None or self.spec is None:
             raise RuntimeError(f"property {self.name!r}: call fit() before score()")
@@ -91,7 +91,7 @@ class ClassifierProperty:
         self._fit_classifier(reference_images, labels, cache_dir, seed)
         if reference_images is not None:
             if labels is not None and len(reference_images):
-                _, p = self._run(reference_images)
+                _, p = self.features_and_probs(reference_images)
                 self.state["reference_accuracy"] = float((p.argmax(1) == np.asarray(labels)).mean())
             self._fit_reference(reference_images, cache_dir)
             self._write_pointer(cache_dir)
@@ -122,7 +122,7 @@ class FrechetQuality(ClassifierProperty):
         name = f"quality-ref-{self.spec.key()}-{self.state['reference_hash']}.npz"
         path = cache_dir / name
         if not path.exists():
-            feats, _ = self._run(reference_images)
+            feats, _ = self.features_and_probs(reference_images)
             mu, sigma = feature_stats(feats)
             tmp = path.with_suffix(".tmp.npz")
             np.savez(tmp, mu=mu, sigma=sigma, n=len(feats))
@@ -136,7 +136,7 @@ class FrechetQuality(ClassifierProperty):
             self.mu, self.sigma = z["mu"], z["sigma"]
 
     def score(self, samples: torch.Tensor) -> float:
-        feats, _ = self._run(samples)
+        feats, _ = self.features_and_probs(samples)
         mu, sigma = feature_stats(feats)
         return -frechet_distance(mu, sigma, self.mu, self.sigma)
 
@@ -153,7 +153,7 @@ class ClassEntropy(ClassifierProperty):
         self.soft = soft
 
     def score(self, samples: torch.Tensor) -> float:
-        _, p = self._run(samples)
+        _, p = self.features_and_probs(samples)
         assert self.spec is not None
         hard = np.bincount(p.argmax(1), minlength=self.spec.n_classes) / max(1, len(p))
         dist = p.mean(axis=0) if self.soft else hard
