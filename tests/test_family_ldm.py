@@ -36,14 +36,6 @@ pytestmark = pytest.mark.workload
 ASSETS = Assets(lambda uri, field: Path(uri))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 _save_vq = save_tiny_vqmodel
 
 

@@ -50,14 +50,6 @@ def brightness(images: torch.Tensor, context: PropertyContext) -> float:
     return float(images.mean())
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def sd_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny StableDiffusionPipeline saved with save_pretrained: UNet latents 8x8, VAE factor 2 (16 px)."""
@@ -136,13 +128,18 @@ def test_prune_keeps_ratio_and_removes_lowest_magnitude(sd_folder: Path) -> None
     torch.testing.assert_close(_out(unet), _out(reference), rtol=1e-4, atol=1e-5)
 
 
-def test_pruned_lora_saves_and_loads_identically(sd_folder: Path, tmp_path: Path) -> None:
-    unet = _unet(sd_folder)
-    attach_lora(unet, 4, None, TARGETS)
+def _randomize_lora(unet: UNet2DConditionModel) -> None:
+    """Non-zero LoRA weights (a fresh LoRA's B is zero, which would make every comparison trivial)."""
     with torch.no_grad():
         for p in unet.parameters():
             if p.requires_grad:
                 p.normal_(0, 0.3)
+
+
+def test_pruned_lora_saves_and_loads_identically(sd_folder: Path, tmp_path: Path) -> None:
+    unet = _unet(sd_folder)
+    attach_lora(unet, 4, None, TARGETS)
+    _randomize_lora(unet)
     prune_lora(unet, 0.5)
     save_lora(unet, tmp_path / "lora")
     again = _unet(sd_folder)
@@ -154,10 +151,7 @@ def test_pruned_lora_saves_and_loads_identically(sd_folder: Path, tmp_path: Path
     # diffusers LoRA weights (what StableDiffusionPipeline.save_lora_weights writes) load too
     full = _unet(sd_folder)
     attach_lora(full, 4, None, TARGETS)
-    with torch.no_grad():
-        for p in full.parameters():
-            if p.requires_grad:
-                p.normal_(0, 0.3)
+    _randomize_lora(full)
     StableDiffusionPipeline.save_lora_weights(str(tmp_path / "diffusers"), unet_lora_layers=lora_state(full))
     from_diffusers = _unet(sd_folder)
     load_lora(from_diffusers, tmp_path / "diffusers")

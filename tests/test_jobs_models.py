@@ -18,14 +18,6 @@ pytestmark = pytest.mark.workload
 TINY = {"sample_size": 8, "in_channels": 1, "block_out_channels": (16, 32), "norm_num_groups": 8}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _tiny(seed: int = 0, **kw):
     torch.manual_seed(seed)
     return build_unet(**{**TINY, **kw})

@@ -19,14 +19,6 @@ from datacredit.jobs.properties.frechet import feature_stats, frechet_distance  
 pytestmark = pytest.mark.workload
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def demo():
     return demo_data(n_clean=4, bad=("noise", "blank", "duplicate"), holdout=200, seed=0)

@@ -27,14 +27,6 @@ from tests.tiny_models import save_linear_head, save_tiny_clip  # noqa: E402
 pytestmark = pytest.mark.workload
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny CLIPVisionModelWithProjection folder (safetensors) with a CLIP image processor config."""
@@ -217,14 +209,11 @@ def test_classifier_entropy_hand_count(tmp_path: Path) -> None:
 
 
 @pytest.mark.s3
-def test_weights_and_head_from_s3(s3_server, clip_dir: Path, digits: torch.Tensor, tmp_path: Path,
-                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_weights_and_head_from_s3(s3_server, s3_env: S3Options, clip_dir: Path, digits: torch.Tensor,
+                                  tmp_path: Path) -> None:
     from datacredit.jobs.worker import _fetch
 
-    for k, v in s3_server.env().items():
-        monkeypatch.setenv(k, v)
-    monkeypatch.setenv("DATACREDIT_WORK_DIR", str(tmp_path / "work"))
-    options = S3Options(endpoint=s3_server.endpoint, region=s3_server.region)
+    options = s3_env
     s3_server.make_bucket("props")
     store = open_storage("s3://props/models", options)
     upload_dir(store, "clip", clip_dir)

@@ -30,14 +30,6 @@ from tests.tiny import TinyData, tiny_manifest  # noqa: E402
 pytestmark = pytest.mark.workload
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def write_random_inception_weights(path: Path, seed: int = 0) -> Path:
     """torch-fidelity's Inception-v3 state dict (same keys and shapes as ``pt_inception-2015-12-05-6726825d.pth``)
     with random values, saved with ``torch.save``.
@@ -171,14 +163,11 @@ def test_missing_or_wrong_weights_name_the_field(weights: Path, tmp_path: Path) 
 
 
 @pytest.mark.s3
-def test_weights_from_s3(s3_server, weights: Path, images: dict[str, torch.Tensor], tmp_path: Path,
-                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_weights_from_s3(s3_server, s3_env: S3Options, weights: Path, images: dict[str, torch.Tensor],
+                         tmp_path: Path) -> None:
     from datacredit.jobs.worker import _fetch
 
-    for k, v in s3_server.env().items():
-        monkeypatch.setenv(k, v)
-    monkeypatch.setenv("DATACREDIT_WORK_DIR", str(tmp_path / "work"))
-    options = S3Options(endpoint=s3_server.endpoint, region=s3_server.region)
+    options = s3_env
     s3_server.make_bucket("inception")
     open_storage("s3://inception/weights", options).write_bytes(WEIGHTS_FILE, weights.read_bytes())
 

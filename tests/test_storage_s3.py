@@ -17,14 +17,6 @@ from tests.tiny import CONTRIBUTORS, TinyData, tiny_manifest
 pytestmark = pytest.mark.s3
 
 
-@pytest.fixture()
-def s3_env(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> S3Options:
-    """Credentials in the environment, as users give them."""
-    for k, v in s3_server.env().items():
-        monkeypatch.setenv(k, v)
-    return S3Options(endpoint=s3_server.endpoint, region=s3_server.region)
-
-
 def test_round_trip_and_conditional_put(s3_server: S3Server, s3_env: S3Options) -> None:
     s3_server.make_bucket("store-test")
     store = open_storage("s3://store-test/runs/ns/r-1", s3_env)
@@ -77,13 +69,12 @@ def test_tiny_run_on_s3(s3_server: S3Server, s3_env: S3Options, tiny_data: TinyD
 
 
 def test_model_and_weight_uris_resolve_to_local_copies(s3_server: S3Server, s3_env: S3Options,
-                                                         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+                                                         tmp_path: Path) -> None:
     """What the worker does with spec.model.checkpoint / autoencoder / property.weights: a single object
     downloads as a file, a prefix as a folder, once per process; missing things name the field."""
     from datacredit.dataset import DatasetError
     from datacredit.jobs.worker import _fetch
 
-    monkeypatch.setenv("DATACREDIT_WORK_DIR", str(tmp_path / "work"))
     s3_server.make_bucket("assets-test")
     store = open_storage("s3://assets-test/models", s3_env)
     store.write_bytes("inception.pth", b"weights")

@@ -12,7 +12,7 @@ import torch
 from datacredit.dataset import DatasetError
 from datacredit.spec import ValuationRun
 
-from ..pipeline import finetune_and_sample, prepare_sparsified
+from ..pipeline import Prepared, finetune_and_sample, prepare_sparsified
 from ..train import Checkpoint
 from .base import Assets, TrainData
 
@@ -27,6 +27,29 @@ def load_full_unet(uri: str, assets: Assets, field: str = "spec.model.checkpoint
         raise DatasetError(f"{field}: {e}") from None
 
 
+def sparsify(run: ValuationRun, images: torch.Tensor, full: torch.nn.Module | None, progress: bool = False,
+             **arch: Any) -> Prepared:
+    """:func:`prepare_sparsified` with the manifest's architecture, training, pruning and fine-tuning settings
+    (shared by ddpm and ldm); ``arch`` adds UNet options such as ``attention_head_dim``."""
+    s = run.spec
+    a, t = s.model.architecture, s.model.train
+    return prepare_sparsified(
+        images,
+        full=full,
+        arch={"block_out_channels": tuple(a.block_out_channels), "layers_per_block": a.layers_per_block,
+              "attention": a.attention, **arch},
+        train_steps=t.steps,
+        train_lr=t.learning_rate,
+        batch_size=t.batch_size,
+        prune_ratio=s.method.prune.ratio,
+        importance=s.method.prune.importance,
+        finetune_steps=s.method.prune.finetune_steps,
+        finetune_lr=s.method.finetune.learning_rate,
+        seed=s.seed,
+        progress=progress,
+    )
+
+
 class DDPMFamily:
     """prepare: [train] -> prune the EMA weights -> fine-tune; coalition: fine-tune (EMA continued) -> DDIM."""
 
@@ -38,23 +61,8 @@ class DDPMFamily:
     def prepare(self, run: ValuationRun, data: TrainData, out_dir: Path, assets: Assets,
                 progress: bool = False) -> dict[str, Any]:
         s = run.spec
-        arch, t = s.model.architecture, s.model.train
         full = load_full_unet(s.model.checkpoint, assets) if s.model.checkpoint else None
-        prepared = prepare_sparsified(
-            data.images,
-            full=full,
-            arch={"block_out_channels": tuple(arch.block_out_channels), "layers_per_block": arch.layers_per_block,
-                  "attention": arch.attention},
-            train_steps=t.steps,
-            train_lr=t.learning_rate,
-            batch_size=t.batch_size,
-            prune_ratio=s.method.prune.ratio,
-            importance=s.method.prune.importance,
-            finetune_steps=s.method.prune.finetune_steps,
-            finetune_lr=s.method.finetune.learning_rate,
-            seed=s.seed,
-            progress=progress,
-        )
+        prepared = sparsify(run, data.images, full, progress)
         prepared.sparsified.save(out_dir)
         prepared.full.save(out_dir / FULL_DIR)  # the unpruned model: `datacredit evaluate` fine-tunes it
         return prepared.info

@@ -23,10 +23,10 @@ from datacredit.dataset import DatasetError
 from datacredit.spec import ValuationRun
 
 from ..device import pick_device
-from ..pipeline import finetune_and_sample, prepare_sparsified
+from ..pipeline import finetune_and_sample
 from ..train import Checkpoint
 from .base import Assets, TrainData
-from .ddpm import load_full_unet
+from .ddpm import load_full_unet, sparsify
 
 LATENTS = "latents.npy"  # (N, latent_channels, h, w) float32, in the order of prepare/dataset.npz
 AUTOENCODER = "autoencoder.json"  # the VQModel's URI and config the latents were encoded with
@@ -149,7 +149,7 @@ class LDMFamily:
     def prepare(self, run: ValuationRun, data: TrainData, out_dir: Path, assets: Assets,
                 progress: bool = False) -> dict[str, Any]:
         s = run.spec
-        arch, t, uri = s.model.architecture, s.model.train, s.model.autoencoder or ""
+        uri = s.model.autoencoder or ""
         config = vq_config(vq_folder(uri, assets))
         factor, side = downsampling(config), int(data.images.shape[-1])
         if side % factor:
@@ -165,22 +165,8 @@ class LDMFamily:
             if got != want:
                 raise DatasetError(f"spec.model.checkpoint: the UNet takes {got[0]} channels at {got[1]}x{got[1]} "
                                    f"but the autoencoder's latents are {want[0]} channels at {want[1]}x{want[1]}")
-        widths = list(arch.block_out_channels)
-        prepared = prepare_sparsified(
-            latents,
-            full=full,
-            arch={"block_out_channels": tuple(widths), "layers_per_block": arch.layers_per_block,
-                  "attention": arch.attention, "attention_head_dim": head_dim(widths)},
-            train_steps=t.steps,
-            train_lr=t.learning_rate,
-            batch_size=t.batch_size,
-            prune_ratio=s.method.prune.ratio,
-            importance=s.method.prune.importance,
-            finetune_steps=s.method.prune.finetune_steps,
-            finetune_lr=s.method.finetune.learning_rate,
-            seed=s.seed,
-            progress=progress,
-        )
+        heads_dim = head_dim(list(s.model.architecture.block_out_channels))
+        prepared = sparsify(run, latents, full, progress, attention_head_dim=heads_dim)
         heads = check_heads(prepared.sparsified.model)
         out_dir.mkdir(parents=True, exist_ok=True)
         prepared.sparsified.save(out_dir)
