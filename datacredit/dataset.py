@@ -23,6 +23,7 @@ class Discovery:
 
     contributors: dict[str, list[str]]
     ignored: list[dict[str, str]] = field(default_factory=list)
+    texts: frozenset[str] = frozenset()  # .txt keys of the same listing (sidecar captions)
 
 
 def _by_folder(keys: list[str]) -> tuple[dict[str, list[str]], list[dict[str, str]]]:
@@ -79,7 +80,8 @@ def _read_text(uri: str, options: S3Options) -> str:
 def discover(spec: DatasetSpec, options: S3Options, store: Storage | None = None) -> Discovery:
     """List the images and group them by contributor; raise DatasetError naming what is wrong."""
     store = store or open_storage(spec.images, options)
-    keys = [k for k in store.list() if k.lower().endswith(IMAGE_SUFFIXES)]
+    listing = store.list()
+    keys = [k for k in listing if k.lower().endswith(IMAGE_SUFFIXES)]
     if not keys:
         raise DatasetError(f"dataset.images: no PNG or JPEG images under {spec.images}")
     by = spec.contributors.by
@@ -95,4 +97,5 @@ def discover(spec: DatasetSpec, options: S3Options, store: Storage | None = None
         raise DatasetError(f"contributor(s) with no images: {', '.join(empty)}")
     if len(groups) < 2:
         raise DatasetError(f"dataset.images: found {len(groups)} contributor(s) under {spec.images}; need at least 2")
-    return Discovery({k: sorted(groups[k]) for k in sorted(groups)}, ignored)
+    texts = frozenset(k for k in listing if k.endswith(".txt"))
+    return Discovery({k: sorted(groups[k]) for k in sorted(groups)}, ignored, texts)

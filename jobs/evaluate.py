@@ -35,7 +35,7 @@ from datacredit.storage import S3Options, open_storage, read_json, write_json
 
 from .device import set_threads
 from .families import get_family
-from .families.ddpm import FULL_DIR
+from .families.ddpm import FULL_DIR, unet_arch
 from .pipeline import finetune_and_sample
 from .properties.digits import ClassifierProperty
 from .sample import sample_ddim
@@ -87,6 +87,7 @@ class GroundTruth:
         }
         self.rows = {k: self._read(k) for k in ev.TRUTH_KINDS}
         self._full: Checkpoint | None = None
+        self._full_samples: torch.Tensor | None = None
 
     def _read(self, kind: str) -> dict[str, ev.TruthRow]:
         key = ev.truth_file(kind)
@@ -124,13 +125,11 @@ class GroundTruth:
     def retrain(self, members: tuple[int, ...], seed: int) -> tuple[float, float]:
         """Utility and seconds of a fresh model trained on ``members``' images (not stored)."""
         s = self.p.run.spec
-        arch, t = s.model.architecture, s.model.train
+        t = s.model.train
         t0 = time.perf_counter()
         images = self.data.images
         torch.manual_seed(seed)
-        model = build_unet(sample_size=images.shape[-1], in_channels=images.shape[1],
-                           block_out_channels=tuple(arch.block_out_channels), layers_per_block=arch.layers_per_block,
-                           attention=arch.attention)
+        model = build_unet(sample_size=images.shape[-1], in_channels=images.shape[1], **unet_arch(self.p.run))
         result = train_ddpm(model, self._images(members), t.steps, t.learning_rate, t.batch_size, seed=seed)
         samples = sample_ddim(result.inference_model, s.property.samples, s.method.sampler.steps, seed=seed)
         return self._score(samples, f"retrained {list(members)}"), time.perf_counter() - t0
@@ -144,6 +143,14 @@ class GroundTruth:
                                       f"by prepare since evaluation support: delete prepare/ and rerun the run")
             self._full = Checkpoint.load(folder)
         return self._full
+
+    def full_samples(self) -> torch.Tensor:
+        """Samples of the unpruned full model (the run's sampler and seed), generated once."""
+        if self._full_samples is None:
+            s = self.p.run.spec
+            self._full_samples = sample_ddim(self.full_model().inference_model, s.property.samples,
+                                             s.method.sampler.steps, seed=s.seed)
+        return self._full_samples
 
     def finetune_full(self, members: tuple[int, ...], seed: int) -> tuple[float, float]:
         """Utility and seconds of the unpruned full model fine-tuned on ``members`` (not stored)."""
@@ -207,9 +214,7 @@ def _budgeted_shapley(gt: GroundTruth, kind: str, seconds: float, label: str) ->
 
 def _similarity(gt: GroundTruth, n: int, which: str) -> dict[str, np.ndarray]:
     """Pixel or embedding similarity (max and mean) of each contributor's images to the full model's samples."""
-    s = gt.p.run.spec
-    samples = sample_ddim(gt.full_model().inference_model, s.property.samples, s.method.sampler.steps, seed=s.seed)
-    train = gt.data.images
+    samples, train = gt.full_samples(), gt.data.images
     if which == "embedding":
         if not isinstance(gt.p.prop, ClassifierProperty):
             return {}

@@ -113,7 +113,7 @@ def _load_dataset(run: ValuationRun, options: S3Options, size: int
     source = open_storage(spec.images, options)
     found = discover(spec, options, source)
     channels = spec.channels
-    sidecars = {k for k in source.list() if k.endswith(".txt")} if spec.captions == "sidecar" else set()
+    sidecars = found.texts if spec.captions == "sidecar" else frozenset()
     images: list[np.ndarray] = []
     captions: list[str] = []
     owner: list[int] = []

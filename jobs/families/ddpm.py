@@ -27,17 +27,23 @@ def load_full_unet(uri: str, assets: Assets, field: str = "spec.model.checkpoint
         raise DatasetError(f"{field}: {e}") from None
 
 
+def unet_arch(run: ValuationRun) -> dict[str, Any]:
+    """:func:`build_unet` options from ``spec.model.architecture`` (sizes come from the data)."""
+    a = run.spec.model.architecture
+    return {"block_out_channels": tuple(a.block_out_channels), "layers_per_block": a.layers_per_block,
+            "attention": a.attention}
+
+
 def sparsify(run: ValuationRun, images: torch.Tensor, full: torch.nn.Module | None, progress: bool = False,
              **arch: Any) -> Prepared:
     """:func:`prepare_sparsified` with the manifest's architecture, training, pruning and fine-tuning settings
     (shared by ddpm and ldm); ``arch`` adds UNet options such as ``attention_head_dim``."""
     s = run.spec
-    a, t = s.model.architecture, s.model.train
+    t = s.model.train
     return prepare_sparsified(
         images,
         full=full,
-        arch={"block_out_channels": tuple(a.block_out_channels), "layers_per_block": a.layers_per_block,
-              "attention": a.attention, **arch},
+        arch={**unet_arch(run), **arch},
         train_steps=t.steps,
         train_lr=t.learning_rate,
         batch_size=t.batch_size,
