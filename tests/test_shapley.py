@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from itertools import islice
 from math import factorial
 
 import numpy as np
@@ -18,6 +19,9 @@ from datacredit.shapley import (
     read_jsonl,
     write_jsonl,
 )
+from datacredit.shapley.hadamard import hadamard_for, orthogonal_coalitions
+from datacredit.shapley.kernel import kernel_fit
+from datacredit.shapley.table import Observations, Table
 
 
 def saturating_game(n: int, seed: int = 0):
@@ -245,3 +249,48 @@ def test_estimate_result_serialises() -> None:
     data = json.loads(json.dumps(res.to_dict()))
     assert isinstance(res, Estimate) and data["stop_reason"] == str(res.stop_reason)
     assert len(data["values"]) == 5
+
+
+@pytest.mark.parametrize("n", [2, 5, 8, 12, 31, 40])
+def test_hadamard_matrices_and_orthogonal_blocks(n: int) -> None:
+    H = hadamard_for(n)
+    m = len(H)
+    assert m > n and np.array_equal(H @ H.T, m * np.eye(m))
+    assert (H[0] == 1).all() and (H[:, 0] == 1).all()
+    rows = np.array(list(islice(orthogonal_coalitions(n, np.random.default_rng(1)), 4 * m)))
+    assert rows.any(axis=1).all() and not rows.all(axis=1).any()  # never ∅ or the full set
+    if n == 8:  # seed 1's first block has no trivial row: its m - 1 rows are one whole block
+        signs = 2 * rows[: m - 1].astype(int) - 1
+        assert np.array_equal(signs.T @ signs, m * np.eye(n, dtype=int) - 1)  # orthogonal players
+
+
+def test_kernel_plan_mixes_border_orthogonal_and_quota_pairs() -> None:
+    n = 16
+    plan = make_plan(n, 12 * n, "kernel", seed=0)
+    first = plan.sequence[2 : 2 + 2 * n : 2]
+    assert np.array_equal(np.sort(first.sum(axis=1)), np.ones(n))  # every singleton first
+    sizes = np.minimum(plan.sequence[2:].sum(axis=1), n - plan.sequence[2:].sum(axis=1))[::2]
+    middle = np.mean(sizes[n:] >= n // 2 - 2)  # Hadamard rows sit near n/2; the quota spreads out
+    assert 0.5 <= middle < 0.95 and (sizes[n:] < n // 2 - 2).sum() >= 10
+
+
+def _fit(v, n: int, budget: int, seed: int):
+    plan = make_plan(n, budget, "kernel", seed)
+    table = Table(plan.sequence)
+    for position, utility in enumerate(v(plan.sequence.copy())):
+        table.add(position, utility)
+    return kernel_fit(Observations.of(table))
+
+
+def test_blend_trusts_the_low_noise_fit_only_where_the_game_allows() -> None:
+    n = 12
+    w = np.random.default_rng(0).gamma(1.0, 1.0, n)
+    additive = [_fit(noisy(lambda Z: np.asarray(Z, float) @ w, 0.05 * w.sum(), s), n, 8 * n, s) for s in range(10)]
+    assert np.median([f.blend for f in additive]) > 0.8
+    err = {k: np.median([rel_l2(getattr(f, k), w) for f in additive]) for k in ("values", "kernel_values")}
+    assert err["values"] < err["kernel_values"]  # noise dominates: the equal-weight fit helps
+    v = saturating_game(n, seed=1)
+    truth = brute_force(v, n)
+    small, large = _fit(v, n, 8 * n, 0), _fit(v, n, 2**n - 2, 0)  # noise-free: only the bias is left
+    assert large.blend < 0.25 and large.blend < small.blend
+    assert rel_l2(large.values, truth) < rel_l2(small.values, truth) / 3

@@ -13,11 +13,11 @@ from itertools import combinations
 
 import numpy as np
 
+from datacredit.shapley.hadamard import hadamard_for, orthogonal_coalitions
 from datacredit.shapley.result import StopReason
 from datacredit.shapley.sizes import (
     n_classes,
     pairs_in_class,
-    shapley_class_mass,
     uniform_class_mass,
 )
 from datacredit.shapley.table import coalition_key
@@ -26,6 +26,8 @@ METHODS = ("exact", "kernel", "permutation", "banzhaf", "loo")
 MAX_EXACT_PLAYERS = 20
 #: A size class with at most this many complement pairs is enumerated and shuffled, not rejection-sampled.
 ENUMERATE_CLASS_LIMIT = 20_000
+#: Share of a kernel plan's pairs drawn from Hadamard blocks (the rest follow the size quota).
+ORTHOGONAL_SHARE = 0.5
 
 
 @dataclass(frozen=True)
@@ -137,19 +139,37 @@ def _loo_plan(seq: _Sequence, budget: int, seed: int) -> Plan:
 
 
 def _class_targets(n: int, method: str) -> np.ndarray:
-    """Share of sampled pairs per size class 1 .. n // 2.
+    """Share of quota-sampled pairs per size class 1 .. n // 2.
 
-    kernel: the geometric mean of the Shapley-kernel and the leverage-score (uniform-size) share, a
-    Neyman-style compromise (Chen et al. 2025's "modified l2" weights); banzhaf: the Binomial(n, 1/2)
-    share of each class, i.e. Bernoulli(1/2) membership stratified by size.
+    kernel: equal per coalition size (the leverage-score design of Musco & Witter 2025; the
+    Hadamard pairs already crowd the middle sizes, so the quota mostly fills the outer classes);
+    banzhaf: the Binomial(n, 1/2) share of each class, i.e. Bernoulli(1/2) membership stratified by size.
     """
     c = np.arange(1, n_classes(n) + 1)
-    if method == "kernel":
-        sizes_in_class = np.where(2 * c == n, 1.0, 2.0)
-        share = np.sqrt(shapley_class_mass(n, c) * sizes_in_class)
-    else:
-        share = uniform_class_mass(n, c)
+    share = np.where(2 * c == n, 1.0, 2.0) if method == "kernel" else uniform_class_mass(n, c)
     return share / share.sum()
+
+
+def _pair_key(mask: np.ndarray) -> np.ndarray:
+    """The pair representative of a coalition: its size-c member, with player 0 when 2c == n."""
+    size, n = int(mask.sum()), len(mask)
+    return ~mask if 2 * size > n or (2 * size == n and not mask[0]) else mask
+
+
+def _orthogonal_pairs(n: int, rng: np.random.Generator, taken: _Sequence) -> Iterator[np.ndarray]:
+    """Pair representatives from Hadamard blocks, skipping pairs already taken; ends once a whole
+    block's worth of rows in a row is taken (small n, where the blocks exhaust the middle classes)."""
+    patience = len(hadamard_for(n))
+    misses = 0
+    for row in orthogonal_coalitions(n, rng):
+        mask = _pair_key(row)
+        if mask in taken:
+            misses += 1
+            if misses >= patience:
+                return
+            continue
+        misses = 0
+        yield mask
 
 
 def _class_pairs(n: int, c: int, rng: np.random.Generator, taken: _Sequence) -> Iterator[np.ndarray]:
@@ -177,9 +197,13 @@ def _class_pairs(n: int, c: int, rng: np.random.Generator, taken: _Sequence) -> 
 def _paired_plan(seq: _Sequence, budget: int, method: str, seed: int, rng: np.random.Generator) -> Plan:
     """Complement pairs without replacement, allocated to size classes by a deterministic quota.
 
-    For ``kernel`` with budget >= 4n + 2 the border class (singletons and leave-one-out coalitions)
-    is enumerated first. The remaining pairs go to the open class whose count lags its target share
-    most, so every prefix is close to the target allocation.
+    ``kernel`` with budget >= 4n + 2 enumerates the border class first (singletons and leave-one-out
+    coalitions: the sizes with the most Shapley-kernel weight, so ``loo`` also comes for free).
+    Then it takes a pair from Hadamard blocks (an orthogonal design: the least noise on the
+    additive part of a game) whenever their share lags ``ORTHOGONAL_SHARE``; every other pair, and
+    every ``banzhaf`` pair, comes from the open size class whose count lags its target share most
+    (the Hadamard pairs count too, so the quota fills the outer sizes). Every prefix is close to the
+    intended allocation.
     """
     n = seq.n
     boundaries = [len(seq)]
@@ -194,12 +218,20 @@ def _paired_plan(seq: _Sequence, budget: int, method: str, seed: int, rng: np.ra
         counts[k] += 1
         boundaries.append(len(seq))
 
-    if method == "kernel" and n >= 3 and budget >= 4 * n + 2:
+    kernel = method == "kernel" and n >= 3
+    if kernel and budget >= 4 * n + 2:
         for i in rng.permutation(n):
             add_pair(np.arange(n) == i, 0)
     targets = _class_targets(n, method)
     samplers = [_class_pairs(n, int(c), rng, seq) for c in classes]
+    orthogonal = _orthogonal_pairs(n, rng, seq) if kernel else iter(())
+    n_orthogonal = 0
     while counts.sum() < max_pairs:
+        mask = next(orthogonal, None) if n_orthogonal < ORTHOGONAL_SHARE * (counts.sum() + 1) else None
+        if mask is not None:  # None also once the blocks are exhausted: the quota takes over
+            add_pair(mask, int(mask.sum()) - 1)
+            n_orthogonal += 1
+            continue
         open_ = np.array([counts[k] < caps[k] for k in range(len(classes))])
         if not open_.any():
             break

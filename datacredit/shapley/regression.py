@@ -28,6 +28,8 @@ class Fit(NamedTuple):
     dof: int  # units minus free parameters; < 1 means under-determined
     solve: np.ndarray  # (n, p [+ 1]): values = solve @ [X^T W y; constraint rhs]
     resid: np.ndarray  # (k,) residual of each row
+    hat: np.ndarray  # (n, k): values = hat @ y + solve[:, p:] @ constraint rhs
+    influence: np.ndarray  # (n, k): each row's linearised contribution to the values' error
 
 
 def t_stderr(var: np.ndarray, dof: int) -> np.ndarray:
@@ -95,12 +97,25 @@ def stratified_wls(
     beta = inverse[:p] @ rhs
     solve = transform @ inverse[:p]
     resid = y - X @ beta
-    influence = solve[:, :p] @ (X.T * (weights * resid))  # (n, k): each row's contribution
+    hat = solve[:, :p] @ (X.T * weights)
+    influence = hat * resid
+    var, dof = design_variance(influence, strata, units, rank - 2 * n_con)
+    return Fit(transform @ beta, var, dof, solve, resid, hat, influence)
+
+
+def design_variance(
+    influence: np.ndarray, strata: np.ndarray, units: np.ndarray, n_free: int
+) -> tuple[np.ndarray, int]:
+    """Sandwich variance of linearised values from per-row influences, and its degrees of freedom.
+
+    Influences are summed per unit, centred within strata and scaled by units / (units - n_free).
+    """
+    k = influence.shape[1]
     n_units = int(units.max()) + 1 if k else 0
     per_unit = (sparse.csr_matrix((np.ones(k), (units, np.arange(k))), shape=(n_units, k)) @ influence.T).T
     unit_stratum = np.zeros(n_units, dtype=int)
     unit_stratum[units] = strata
-    var = np.zeros(transform.shape[0])
+    var = np.zeros(influence.shape[0])
     for h in np.unique(unit_stratum):
         block = per_unit[:, unit_stratum == h]
         m_h = block.shape[1]
@@ -108,10 +123,10 @@ def stratified_wls(
             var += m_h / (m_h - 1) * ((block - block.mean(axis=1, keepdims=True)) ** 2).sum(axis=1)
         else:
             var += (block**2).sum(axis=1)
-    dof = n_units - (rank - 2 * n_con)
+    dof = n_units - n_free
     if dof >= 1:
         var *= n_units / dof
-    return Fit(transform @ beta, var, dof, solve, resid)
+    return var, dof
 
 
 def _inverse(matrix: np.ndarray) -> tuple[np.ndarray, int]:
