@@ -13,7 +13,7 @@ from itertools import combinations
 
 import numpy as np
 
-from datacredit.shapley.hadamard import hadamard_for, orthogonal_coalitions
+from datacredit.shapley.hadamard import orthogonal_coalitions
 from datacredit.shapley.result import StopReason
 from datacredit.shapley.sizes import (
     n_classes,
@@ -157,9 +157,9 @@ def _pair_key(mask: np.ndarray) -> np.ndarray:
 
 
 def _orthogonal_pairs(n: int, rng: np.random.Generator, taken: _Sequence) -> Iterator[np.ndarray]:
-    """Pair representatives from Hadamard blocks, skipping pairs already taken; ends once a whole
-    block's worth of rows in a row is taken (small n, where the blocks exhaust the middle classes)."""
-    patience = len(hadamard_for(n))
+    """Pair representatives from Hadamard blocks, skipping pairs already taken; ends after 4(n + 1)
+    taken rows in a row (small n, where the blocks exhaust the middle classes)."""
+    patience = 4 * (n + 1)
     misses = 0
     for row in orthogonal_coalitions(n, rng):
         mask = _pair_key(row)
