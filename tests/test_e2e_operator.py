@@ -27,6 +27,7 @@ from kubernetes.client.rest import ApiException
 from datacredit import layout
 from datacredit.crd import GROUP, NAME, PLURAL, VERSION
 from datacredit.runstate import run_uri
+from datacredit.shapley import make_plan
 from datacredit.spec import parse_manifest
 from datacredit.storage import S3Options, S3Storage, read_json
 from tests.infra.controlplane import ControlPlane
@@ -414,8 +415,10 @@ def test_failed_pod_is_retried_and_persistent_failure_fails_the_run(
     api: client.ApiClient, operator: Operator, s3_server: S3Server, tiny_data: TinyData,
     faults: dict[tuple[str, str], str],
 ) -> None:
-    faults[("tiny-retry", "0")] = "1"  # {ann} fails its first attempt, then succeeds
-    faults[("tiny-retry", "2")] = "always"  # {cy} never succeeds: tolerated (maxFailedCoalitions=3)
+    plan = make_plan(len(CONTRIBUTORS), 8, "kernel", seed=0).sequence  # the manifest's estimator
+    retried, dropped = [str(int(np.flatnonzero(z)[0])) for z in plan if z.sum() == 1][:2]  # two singletons
+    faults[("tiny-retry", retried)] = "1"  # fails its first attempt, then succeeds
+    faults[("tiny-retry", dropped)] = "always"  # never succeeds: tolerated (maxFailedCoalitions=3)
     faults[("tiny-doomed", "0,1,2,3")] = "always"  # the full coalition never succeeds: not tolerated
     _create(api, _manifest(tiny_data, s3_server, "tiny-retry", budget=8, maxAttemptsPerCoalition=2))
     _create(api, _manifest(tiny_data, s3_server, "tiny-doomed", budget=6, maxAttemptsPerCoalition=2,
@@ -425,12 +428,12 @@ def test_failed_pod_is_retried_and_persistent_failure_fails_the_run(
     status = run["status"]
     assert status["phase"] == "Succeeded", status
     assert status["coalitions"]["failed"] == 1 and status["coalitions"]["failedAttempts"] == 3
-    assert "{cy}" in {c["type"]: c for c in status["conditions"]}["Failed"]["message"]
+    assert f"{{{CONTRIBUTORS[int(dropped)]}}}" in {c["type"]: c for c in status["conditions"]}["Failed"]["message"]
     jobs = {j.metadata.name: j for j in _jobs(api, run["metadata"]["uid"])}
-    ann = [j for j in jobs.values() if (j.metadata.annotations or {}).get("datacredit.dev/members") == "0"]
-    assert sorted(j.metadata.labels["datacredit.dev/attempt"] for j in ann) == ["1", "2"]
+    again = [j for j in jobs.values() if (j.metadata.annotations or {}).get("datacredit.dev/members") == retried]
+    assert sorted(j.metadata.labels["datacredit.dev/attempt"] for j in again) == ["1", "2"]
     store = _store(run, s3_server)
-    cid = ann[0].metadata.labels["datacredit.dev/coalition"]
+    cid = again[0].metadata.labels["datacredit.dev/coalition"]
     assert store.exists(f"coalitions/{cid}/attempt-1/failed.json")
     assert store.exists(f"coalitions/{cid}/result.json")
     events = client.CoreV1Api(api).list_namespaced_event(
