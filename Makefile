@@ -60,7 +60,7 @@ push-images: images ## push both images to $(REGISTRY)
 	docker push $(REGISTRY)/datacredit-operator:$(IMAGE_TAG)
 	docker push $(REGISTRY)/datacredit-worker:$(IMAGE_TAG)
 
-bench: install ## estimator benchmark (full, ~2 minutes): writes benchmarks/results/estimators.json
+bench: install ## estimator benchmark (full, a few minutes): writes benchmarks/results/estimators.json
 	$(PY) benchmarks/estimators.py --out benchmarks/results/estimators.json
 
 bench-quick: install ## estimator benchmark at a small size (CI)

@@ -25,15 +25,13 @@ eq. 7), ∅ and the full set as exact constraints. Both spend the same budget (a
 
 Targets: the geometric mean of the ratio over all cells, the worst cell, and each game's geometric mean
 ("no game worse than 0.8" read per game and per cell; both are printed). On a noisy additive game the only
-error is the evaluation noise, and no unbiased estimator gets far below the paper's there: the ``floor``
-column is the best design for a linear game (complement pairs of rows of a Hadamard matrix, exactly
-orthogonal, with the paper's solver; biased on any non-additive game, so not a usable default) over the
-paper's error. At high budgets the paper's random-design penalty fades and the floor approaches
-sqrt(average p(1-p) of the paper's coalitions / 1/4), about 0.82 at n = 8, so at n = 8 no design gets every
-cell under 0.8. Noise-free additive games are solved exactly by both and left out of the ratios.
+error is the evaluation noise. The ``floor`` column there is the best design for a linear game (complement
+pairs of rows of a Hadamard matrix, exactly orthogonal, with the paper's solver) over the paper's error:
+what an estimator could reach if it ignored non-additive games, on which that design is biased. Noise-free
+additive games are solved exactly by both and left out of the ratios.
 ``--noise 0.1`` reruns the grid at 10% noise (results/estimators_noise10.json), closer to FID-like utilities.
 
-Run ``python benchmarks/estimators.py`` (about 2 minutes on 2 cores) or ``--quick`` (CI, < 60 s).
+Run ``python benchmarks/estimators.py`` (a few minutes on 2 cores) or ``--quick`` (CI, < 60 s).
 """
 
 from __future__ import annotations
@@ -301,7 +299,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="results JSON (default: results/estimators[_noiseN].json)")
     args = parser.parse_args()
     games = ["additive", "saturating", "harmful", "interactions", "diversity"]
-    sizes, seeds, multiples = ([8, 16, 32], 4, [4, 8, 32]) if args.quick else ([8, 16, 32, 64], 20, [4, 8, 16, 32])
+    sizes, seeds, multiples = ([8, 16, 32], 4, [4, 8, 32]) if args.quick else ([8, 16, 32, 64], 50, [4, 8, 16, 32])
     start = time.time()
     cells = []
     for name in games:
