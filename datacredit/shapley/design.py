@@ -188,8 +188,7 @@ def _class_pairs(n: int, c: int, rng: np.random.Generator, taken: _Sequence) -> 
     while True:  # the class is far larger than any budget: rejection sampling rarely repeats
         mask = np.zeros(n, dtype=bool)
         mask[rng.choice(n, c, replace=False)] = True
-        if half and not mask[0]:
-            mask = ~mask
+        mask = _pair_key(mask)
         if mask not in taken:
             yield mask
 

@@ -82,7 +82,7 @@ def kernel_fit(obs: Observations) -> KernelFit:
     noise = _noise_var(obs, kern, counts, X.shape[1] - 1)
     lam, bias2 = _blend(kern, eff)
     values = kern.values + lam * (eff.values - kern.values)
-    influence = (1 - lam) * kern.influence + lam * eff.influence
+    influence = (1 - lam) * kern.hat * kern.resid + lam * eff.hat * eff.resid
     var, dof = design_variance(influence, classes, units, X.shape[1] - 1)
     var += lam**2 * bias2 + _anchor_var(obs, [(1 - lam, kern), (lam, eff)], noise)
     return KernelFit(values, t_stderr(var, min(dof, kern.dof)), kern.values, eff.values, lam)

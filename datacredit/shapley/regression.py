@@ -28,8 +28,7 @@ class Fit(NamedTuple):
     dof: int  # units minus free parameters; < 1 means under-determined
     solve: np.ndarray  # (n, p [+ 1]): values = solve @ [X^T W y; constraint rhs]
     resid: np.ndarray  # (k,) residual of each row
-    hat: np.ndarray  # (n, k): values = hat @ y + solve[:, p:] @ constraint rhs
-    influence: np.ndarray  # (n, k): each row's linearised contribution to the values' error
+    hat: np.ndarray  # (n, k): values = hat @ y + solve[:, p:] @ constraint rhs; hat * resid = influences
 
 
 def t_stderr(var: np.ndarray, dof: int) -> np.ndarray:
@@ -98,9 +97,8 @@ def stratified_wls(
     solve = transform @ inverse[:p]
     resid = y - X @ beta
     hat = solve[:, :p] @ (X.T * weights)
-    influence = hat * resid
-    var, dof = design_variance(influence, strata, units, rank - 2 * n_con)
-    return Fit(transform @ beta, var, dof, solve, resid, hat, influence)
+    var, dof = design_variance(hat * resid, strata, units, rank - 2 * n_con)
+    return Fit(transform @ beta, var, dof, solve, resid, hat)
 
 
 def design_variance(
