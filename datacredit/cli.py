@@ -80,6 +80,8 @@ def run(
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
     out.print(results_table(outcome.results))
+    for warning in outcome.results.get("warnings", []):
+        err.print(f"[yellow]warning:[/] {warning}")
     out.print(f"results: {outcome.run.uri}/results/ (shapley.json, shapley.csv, values.png)")
 
 
@@ -194,6 +196,84 @@ def evaluate(
     out.print(f"sparsified-FT vs retrained utilities on the test coalitions: Pearson "
               f"{agree['pearsonSparsifiedVsRetrain']:.2f} over {agree['pairs']} coalitions; "
               f"retrained now: {report['retrainedNow']}; report: {report['run']}/evaluation/report.json")
+
+
+@app.command()
+def calibrate(
+    target: Annotated[str, typer.Argument(help="The manifest of the run to calibrate (or a prepared run's URI).")],
+    coalitions: Annotated[int, typer.Option(min=4, help="Coalitions retrained from scratch (sizes ⌊α·n⌋, α = 0.25, "
+                                                        "0.5, 0.75, as evaluate's LDS draws them).")] = 8,
+    steps: Annotated[str, typer.Option(help="Fine-tuning steps k to try: `0.5x` is a multiple of "
+                                            "spec.method.finetune.steps, a plain integer a step count.")]
+    = "0.25x,0.5x,1x,2x",
+    ratios: Annotated[str, typer.Option(help="Prune ratios to try (default: the manifest's, one lower and one "
+                                             "higher, e.g. 0.2,0.3,0.5).")] = "",
+    seeds: Annotated[int, typer.Option(min=1, help="Retraining seeds per coalition (their mean is the truth).")] = 1,
+) -> None:
+    """Measure how well sparsified-FT utilities track **retraining**, over prune ratios × fine-tuning steps k.
+
+    Retrains `--coalitions` coalitions from scratch (stored in `evaluation/retrain.jsonl`, shared with
+    `datacredit evaluate`), evaluates them with sparsified fine-tuning at every (ratio, k) of the grid (stored in
+    `calibration/sweep.jsonl`; the manifest's own setting is always in it) and prints, per setting, Pearson r and
+    Spearman ρ with the retrained utilities, each with a 95% **Fisher-z** interval (se 1/√(n−3); Spearman
+    √(1.06/(n−3))), and the cost per coalition in counted work and seconds (fine-tuning + sampling).
+    Recommends the **cheapest setting (counted work per coalition) whose Pearson r ≥ 0.8** (else the one with the
+    highest r) as a manifest snippet. Writes `calibration/report.json`; results of the run then carry the fidelity
+    of its own setting. Runs prepare first when it has not run yet. Only the `ddpm` family.
+    """
+    if "://" not in target and not Path(target).exists():
+        err.print(f"[red]no such manifest or run folder:[/] {target}")
+        raise typer.Exit(EXIT_BAD_INPUT)
+    from . import layout
+    from .dataset import DatasetError
+    from .jobs.calibrate import CalibrationSettings, recommendation_text, report_table
+    from .jobs.calibrate import calibrate as run_calibration
+    from .jobs.evaluate import SUPPORTED_FAMILIES, EvaluationError
+    from .runstate import open_run
+    from .storage import StorageError, open_storage, read_json, write_json
+
+    options = None
+    uri = target
+    if Path(target).is_file():
+        vr = _load(Path(target))
+        if vr.spec.model.family not in SUPPORTED_FAMILIES:
+            err.print(f"[red]cannot calibrate:[/] spec.model.family {vr.spec.model.family!r} is not supported yet "
+                      f"(supported: {', '.join(SUPPORTED_FAMILIES)})")
+            raise typer.Exit(EXIT_BAD_INPUT)
+        ref = open_run(vr)
+        uri, options = ref.uri, ref.options
+        if not ref.store.exists(layout.RUN):
+            write_json(ref.store, layout.RUN, {"manifest": vr.to_manifest(), "configHash": vr.config_hash()})
+        if not ref.store.exists(layout.PREPARE_RESULT):
+            from .jobs.worker import run_prepare
+
+            err.print("[bold]prepare[/]: load data, train or load the model, prune, fine-tune on all data")
+            try:
+                run_prepare(ref.uri, options=ref.options, progress=True)
+            except (DatasetError, SpecError) as e:
+                err.print(f"[red]bad input:[/] {e}")
+                raise typer.Exit(EXIT_BAD_INPUT) from None
+    settings = CalibrationSettings(coalitions=coalitions, steps=steps, ratios=ratios, seeds=seeds)
+    try:
+        report = run_calibration(uri, settings, options=options)
+    except (EvaluationError, DatasetError, SpecError, ValueError) as e:  # CalibrationError is a ValueError
+        err.print(f"[red]cannot calibrate:[/] {e}")
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+    except StorageError as e:
+        err.print(f"[red]calibration failed:[/] {e}")
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        err.print("\n[yellow]interrupted[/]: finished retrains and sweep utilities are stored; rerun to resume")
+        raise typer.Exit(130) from None
+    out.print(report_table(report))
+    out.print(recommendation_text(report))
+    out.print(f"retrained now: {report['retrainedNow']}; sparsified-FT evaluated now: {report['sweptNow']}; "
+              f"report: {report['run']}/calibration/report.json")
+    results, key = open_storage(uri, options), f"{layout.RESULTS}/shapley.json"
+    fidelity = (read_json(results, key).get("fidelity") or {}) if results.exists(key) else None
+    if fidelity is not None and fidelity.get("pearson") != report["manifest"]["pearson"]:  # results predate it
+        out.print("the run's results predate this calibration: rerun `datacredit run` on the manifest (it reuses "
+                  "every coalition) to put the fidelity into results/shapley.json")
 
 
 @worker.command("prepare")

@@ -229,6 +229,17 @@ def status_schema() -> dict[str, Any]:
                 },
             },
             "topContributor": {"type": "string"},
+            "fidelity": {
+                "type": "object",
+                "description": "How well the run's sparsified-FT utilities track retrained ones, from "
+                               "`datacredit calibrate` (results/shapley.json has the intervals).",
+                "properties": {
+                    "pearson": number,
+                    "spearman": number,
+                    "coalitions": {**count, "description": "Calibration coalitions retrained."},
+                    "ok": {"type": "boolean", "description": "Pearson reaches the threshold (0.8)."},
+                },
+            },
             "results": {"type": "string", "description": "URI of results/ (shapley.json, shapley.csv)."},
             "conditions": {
                 "type": "array",
@@ -259,6 +270,8 @@ def build_crd() -> dict[str, Any]:
              "description": "contributor with the highest value so far"},
             {"name": "Estimator", "type": "string", "jsonPath": ".spec.estimator.name", "priority": 1},
             {"name": "Max-Stderr", "type": "number", "jsonPath": ".status.estimate.maxStderr", "priority": 1},
+            {"name": "Fidelity", "type": "number", "jsonPath": ".status.fidelity.pearson", "priority": 1,
+             "description": "Pearson r of sparsified-FT with retrained utilities (datacredit calibrate)"},
             {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
         ],
         "schema": {

@@ -8,6 +8,9 @@ Pure logic (numpy/scipy). The torch side that retrains models lives in ``datacre
 * Counterfactual: drop the top (or bottom) k% of a ranking, retrain, relative change of F vs. the full set.
 * Ground truth: every retrained utility is one JSON line ``{kind, members, seed, config, utility, seconds}``
   in ``evaluation/<kind>.jsonl`` of the run, so later estimators are scored without retraining.
+* Correlations with 95% Fisher-z intervals (calibration's fidelity of sparsified-FT utilities to retrained ones).
+* Counted work: the equal compute budget of the rankers, in full-model forward passes from the settings
+  (:class:`WorkModel`), not in seconds measured in processes with different thread counts.
 """
 
 from __future__ import annotations
@@ -221,3 +224,171 @@ def similarity_scores(queries: np.ndarray, train: np.ndarray, owner: np.ndarray,
         if cols.shape[1]:
             out[p] = float((cols.max(axis=1) if aggregate == "max" else cols.mean(axis=1)).mean())
     return out
+
+
+# ---------------------------------------------------------------- correlation with intervals
+
+
+@dataclass(frozen=True)
+class Correlation:
+    """A correlation coefficient over ``n`` pairs with a 95% Fisher-z interval (NaN where undefined)."""
+
+    value: float
+    low: float
+    high: float
+    n: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe: NaN becomes None."""
+        return {"value": _finite_or_none(self.value), "ci95": [_finite_or_none(self.low), _finite_or_none(self.high)],
+                "n": self.n}
+
+
+def _finite_or_none(x: float) -> float | None:
+    return float(x) if math.isfinite(x) else None
+
+
+def fisher_interval(r: float, n: int, *, rank: bool = False, level: float = 0.95) -> tuple[float, float]:
+    """The Fisher z interval of a correlation ``r`` over ``n`` pairs: tanh(atanh r ± z·se), se = 1/√(n−3)
+    for Pearson and √(1.06/(n−3)) for Spearman (``rank``; Fieller, Hartley and Pearson 1957). NaN when n < 4,
+    r is NaN or |r| = 1 (atanh is infinite there: a perfect rank order of a few coalitions says little)."""
+    if n < 4 or not math.isfinite(r) or abs(r) >= 1.0:
+        return float("nan"), float("nan")
+    se = math.sqrt((1.06 if rank else 1.0) / (n - 3))
+    z = float(stats.norm.ppf(0.5 + level / 2))
+    centre = math.atanh(r)
+    return math.tanh(centre - z * se), math.tanh(centre + z * se)
+
+
+def pearson_ci(x: Sequence[float], y: Sequence[float]) -> Correlation:
+    """Pearson r with its 95% Fisher-z interval."""
+    r = pearson(x, y)
+    return Correlation(r, *fisher_interval(r, len(x)), n=len(x))
+
+
+def spearman_ci(x: Sequence[float], y: Sequence[float]) -> Correlation:
+    """Spearman ρ with its 95% Fisher-z interval (rank variance 1.06/(n−3))."""
+    rho = spearman100(x, y) / 100.0
+    return Correlation(rho, *fisher_interval(rho, len(x), rank=True), n=len(x))
+
+
+def pearson_within(x: Sequence[float], y: Sequence[float], groups: Sequence[Any]) -> float:
+    """Pearson r after removing each group's mean from both sides (e.g. groups = coalition sizes: how well
+    x tracks y beyond what the coalition size alone predicts). NaN when nothing varies within the groups or
+    there are fewer than 3 pairs more than groups."""
+    a, b, g = np.asarray(x, dtype=float), np.asarray(y, dtype=float), np.asarray(groups)
+    if len(a) != len(b) or len(a) != len(g):
+        raise ValueError(f"{len(a)} x, {len(b)} y and {len(g)} groups: expected equal lengths")
+    for k in np.unique(g):
+        a[g == k] -= a[g == k].mean()
+        b[g == k] -= b[g == k].mean()
+    if len(a) - len(np.unique(g)) < 3 or np.ptp(a) < 1e-12 or np.ptp(b) < 1e-12:
+        return float("nan")  # under 3 residual degrees of freedom the correlation is ±1 by construction
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+# ---------------------------------------------------------------- counted work (equal compute budgets)
+
+#: A training step costs a forward and a backward pass; the backward is about twice the forward's
+#: multiply-adds, so one training image counts as 3 forward passes (the usual 6N-vs-2N FLOP rule).
+TRAIN_PASS_COST = 3.0
+
+
+def pass_work(*, train_steps: int, batch_size: int, sampler_steps: int, samples: int, params: int,
+              params_full: int) -> float:
+    """Counted work of one model: ``train_steps × batch_size`` training images (each 3 forward passes) plus
+    ``sampler_steps × samples`` sampling passes, on a model of ``params`` parameters; in units of forward
+    passes of the full model (``params / params_full`` per pass). Device, threads and machine load do not
+    change it, so rankers timed in different processes are compared fairly."""
+    if params <= 0 or params_full <= 0:
+        raise ValueError(f"params={params}, params_full={params_full}: parameter counts must be positive "
+                         f"(prepare/result.json paramsFull / paramsPruned)")
+    passes = TRAIN_PASS_COST * max(train_steps, 0) * batch_size + max(sampler_steps, 0) * samples
+    return float(passes) * params / params_full
+
+
+def coalitions_within_budget(costs: Sequence[float], budget: float) -> int:
+    """How many coalitions, taken in plan order with these counted costs, fit in ``budget``: the largest k
+    with cost[0] + … + cost[k−1] ≤ budget (no coalition past the budget, so no ranker gets more than its
+    equal share)."""
+    spent, k = 0.0, 0
+    for c in costs:
+        if c < 0:
+            raise ValueError(f"coalition cost {c}: must be ≥ 0")
+        if spent + c > budget * (1 + 1e-12):
+            break
+        spent += c
+        k += 1
+    return k
+
+
+RANKER_KINDS = ("sparsified", "ft-full", "retrain")  # what one coalition of each Shapley ranker runs
+
+
+@dataclass(frozen=True)
+class WorkModel:
+    """Counted work per coalition of each ranker, from a run's settings and parameter counts (see
+    :func:`pass_work`): ``sparsified`` fine-tunes the pruned model ``finetune_steps`` (plus a one-off
+    ``prune_finetune_steps`` on all data), ``ft-full`` fine-tunes the unpruned model as many steps,
+    ``retrain`` trains the unpruned architecture ``train_steps`` from scratch; all sample ``samples`` images
+    with ``sampler_steps``. ∅ only samples (an untrained or unchanged full-size model)."""
+
+    params_full: int
+    params_pruned: int
+    samples: int
+    sampler_steps: int
+    finetune_steps: int
+    finetune_batch: int
+    prune_finetune_steps: int
+    prune_batch: int
+    train_steps: int
+    train_batch: int
+
+    @classmethod
+    def from_run(cls, run: Any, prepare: dict[str, Any]) -> WorkModel:
+        """From a ValuationRun and its prepare/result.json (``paramsFull``, ``paramsPruned``)."""
+        try:
+            full, pruned = int(prepare["paramsFull"]), int(prepare["paramsPruned"])
+        except (KeyError, TypeError, ValueError):
+            raise ValueError("prepare/result.json: no paramsFull / paramsPruned; delete prepare/ and rerun the "
+                             "run to record them") from None
+        s = run.spec
+        return cls(full, pruned, s.property.samples, s.method.sampler.steps, s.method.finetune.steps,
+                   s.method.finetune.batch_size, s.method.prune.finetune_steps, s.model.train.batch_size,
+                   s.model.train.steps, s.model.train.batch_size)
+
+    def coalition(self, kind: str, size: int, *, steps: int | None = None, params: int | None = None) -> float:
+        """Work of one coalition of ``size`` contributors for ``kind``; ``steps`` / ``params`` override the
+        fine-tuning steps and the model size (calibration sweeps them)."""
+        if kind not in RANKER_KINDS:
+            raise ValueError(f"ranker kind {kind!r}: expected one of {', '.join(RANKER_KINDS)}")
+        sample = {"sampler_steps": self.sampler_steps, "samples": self.samples, "params_full": self.params_full}
+        if size == 0:
+            return pass_work(train_steps=0, batch_size=0, params=self.params_full, **sample)
+        if kind == "retrain":
+            return pass_work(train_steps=self.train_steps, batch_size=self.train_batch, params=self.params_full,
+                             **sample)
+        model = self.params_pruned if kind == "sparsified" else self.params_full
+        return pass_work(train_steps=self.finetune_steps if steps is None else steps, batch_size=self.finetune_batch,
+                         params=model if params is None else params, **sample)
+
+    def one_off(self, kind: str, params: int | None = None) -> float:
+        """Work a ranker spends once per run beyond the full model: sparsified-FT's fine-tuning of the pruned
+        model on all data (training passes only); 0 for the others."""
+        if kind != "sparsified":
+            return 0.0
+        return pass_work(train_steps=self.prune_finetune_steps, batch_size=self.prune_batch, sampler_steps=0,
+                         samples=0, params=self.params_pruned if params is None else params,
+                         params_full=self.params_full)
+
+
+def sparsified_run_work(work: WorkModel, evaluated: Iterable[tuple[int, int]]) -> float:
+    """The counted work of a sparsified-FT run: the one-off pruned fine-tuning plus every evaluation of its
+    coalitions, given as ``(size, evaluations)`` (evaluations = 1 + replicate seeds)."""
+    return work.one_off("sparsified") + sum(work.coalition("sparsified", size) * evals for size, evals in evaluated)
+
+
+def equal_budget_plan(work: WorkModel, kind: str, sizes: Sequence[int], budget: float) -> int:
+    """How many of the plan's coalitions (their ``sizes`` in plan order) ranker ``kind`` gets within
+    ``budget`` (the sparsified-FT run's counted work)."""
+    return coalitions_within_budget([work.coalition(kind, s) for s in sizes], budget)

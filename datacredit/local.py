@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import multiprocessing as mp
 import os
 import time
@@ -15,10 +14,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from . import layout
+from .finish import finish_run
 from .ids import coalition_id
 from .planner import Planner
-from .results import build_results, save_results
-from .runstate import RunRef, member_indices, open_run, planner_for, read_manifest
+from .runstate import RunRef, member_indices, open_run, planner_for, read_manifest, replicate_utilities, utility_row
 from .spec import ValuationRun
 from .storage import read_json, write_json
 
@@ -85,7 +84,7 @@ def execute(run: ValuationRun, *, workers: int | None = None, console: Console |
     attempts: dict[str, int] = {}
     failed: list[str] = []
     pending: dict[Future[dict[str, Any]], tuple[np.ndarray, str]] = {}
-    told: list[tuple[np.ndarray, float]] = []
+    told: list[dict[str, Any]] = []
     done_before = 0
 
     columns = [TextColumn("[bold]coalitions"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -109,8 +108,8 @@ def execute(run: ValuationRun, *, workers: int | None = None, console: Console |
                     coal = np.asarray(batch[0], dtype=bool)
                     cid = coalition_id([ids[i] for i in np.flatnonzero(coal)], ref.config_hash)
                     if store.exists(layout.coalition_result(cid)):
-                        told.append((coal, float(read_json(store, layout.coalition_result(cid))["utility"])))
-                        planner.tell(*told[-1])
+                        told.append(_told(coal, read_json(store, layout.coalition_result(cid))))
+                        planner.tell(coal, told[-1]["utility"], told[-1].get("replicates", ()))
                         done_before += 1
                         bar.update(task, advance=1)
                         continue
@@ -137,8 +136,8 @@ def execute(run: ValuationRun, *, workers: int | None = None, console: Console |
                             ) from e
                         bar.update(task, advance=1)
                         continue
-                    told.append((coal, float(res["utility"])))
-                    planner.tell(*told[-1])
+                    told.append(_told(coal, res))
+                    planner.tell(coal, told[-1]["utility"], told[-1].get("replicates", ()))
                     bar.update(task, advance=1, top=_top_line(planner, names))
             bar.update(task, total=bar.tasks[0].completed)
     except KeyboardInterrupt:
@@ -149,32 +148,18 @@ def execute(run: ValuationRun, *, workers: int | None = None, console: Console |
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
-    est = planner.estimate()
     if done_before:
         console.print(f"reused {done_before} coalition result(s) already in storage")
-    doc = build_results(
-        manifest["contributors"],
-        np.asarray(est.values),
-        np.asarray(est.stderr),
-        run_name=run.metadata.name,
-        property_name=run.spec.property.name,
-        method=run.spec.estimator.name,
-        v_empty=_anchor(told, empty=True),
-        v_full=_anchor(told, empty=False),
-        evaluations=int(est.n_evaluations),
-        converged=bool(est.converged),
-        stop_reason=str(est.stop_reason),
-        wall_seconds=time.monotonic() - started,
-    )
-    save_results(store, doc)
-    rows = [json.dumps({"members": member_indices(c), "utility": u}) + "\n" for c, u in told]
-    store.write_bytes(layout.UTILITIES, "".join(rows).encode())
+    doc = finish_run(store, run, planner, manifest["contributors"], _in_plan_order(planner, told),
+                     time.monotonic() - started)
     return Outcome(ref, doc)
 
 
-def _anchor(told: list[tuple[np.ndarray, float]], *, empty: bool) -> float:
-    """v(∅) or v(full) as evaluated."""
-    for coal, u in told:
-        if (not coal.any()) if empty else coal.all():
-            return u
-    return float("nan")
+def _told(coalition: np.ndarray, result: dict[str, Any]) -> dict[str, Any]:
+    """A utilities.jsonl row from a coalition's result.json."""
+    return utility_row(member_indices(coalition), float(result["utility"]), replicate_utilities(result))
+
+
+def _in_plan_order(planner: Planner, told: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    position = {tuple(member_indices(c)): j for j, c in enumerate(planner.sequence)}
+    return sorted(told, key=lambda r: position[tuple(r["members"])])

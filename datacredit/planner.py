@@ -20,6 +20,7 @@ import numpy as np
 from datacredit.shapley.design import make_plan
 from datacredit.shapley.engine import plan_estimate
 from datacredit.shapley.result import Estimate, StopReason
+from datacredit.shapley.seednoise import SeedNoise, replicate_positions
 from datacredit.shapley.stopping import StoppingRule
 from datacredit.shapley.table import RowLike, Table, as_mask, as_row
 
@@ -31,6 +32,9 @@ class Planner:
 
     ``tolerance``/``atol``/``min_evaluations``/``check_every`` are the stopping rule of
     :func:`datacredit.shapley.estimate`; without ``tolerance`` or ``atol`` the whole plan is used.
+    ``replicate_coalitions``: how many coalitions besides ∅ (from before the first checkpoint, spread
+    over sizes) executors also evaluate under other seeds (:attr:`replicated`); their utilities, told
+    with :meth:`tell`, add the between-seed part to the standard errors.
     """
 
     def __init__(
@@ -44,10 +48,14 @@ class Planner:
         atol: float | None = None,
         min_evaluations: int | None = None,
         check_every: int | None = None,
+        replicate_coalitions: int = 0,
     ):
         self.plan = make_plan(n_players, budget, method, seed)
         self.rule = StoppingRule(tolerance, atol, min_evaluations, check_every)
         self._table = Table(self.plan.sequence)
+        horizon = self.rule.checkpoints(self.plan)[:1] or [4 * n_players + 2]
+        self._replicated = replicate_positions(self.plan.sequence, replicate_coalitions, horizon[0])
+        self._replicates: dict[int, list[float]] = {}  # position -> utilities under replicate seeds 1, 2, ...
         self._asked = np.zeros(len(self.plan.sequence), dtype=bool)
         self._skipped = np.zeros(len(self.plan.sequence), dtype=bool)
         self._checkpoints = self.rule.checkpoints(self.plan)
@@ -88,6 +96,19 @@ class Planner:
         return int(self._table.count.sum())
 
     @property
+    def replicated(self) -> np.ndarray:
+        """The coalitions to evaluate under replicate seeds too, (k, n) bool."""
+        return self.plan.sequence[self._replicated]
+
+    def noise(self, upto: int | None = None) -> SeedNoise | None:
+        """Between-seed variance components from the replicates told (of plan rows before ``upto``)."""
+        groups = []
+        for position, extra in self._replicates.items():
+            if (upto is None or position < upto) and self._table.count[position] and extra:
+                groups.append((not self.plan.sequence[position].any(), [self._table.mean[position], *extra]))
+        return SeedNoise.fit(groups)
+
+    @property
     def pending(self) -> np.ndarray:
         """Coalitions asked for but neither told nor skipped yet, (k, n) bool."""
         return self.plan.sequence[self._asked & ~self._resolved]
@@ -116,8 +137,9 @@ class Planner:
         self._asked[free] = True
         return self.plan.sequence[free]
 
-    def tell(self, coalition: Sequence[int] | np.ndarray, utility: float) -> None:
-        """Record the utility of a planned coalition (bool mask or member indices).
+    def tell(self, coalition: Sequence[int] | np.ndarray, utility: float, replicates: Sequence[float] = ()) -> None:
+        """Record the utility of a planned coalition (bool mask or member indices), and its utilities under
+        replicate seeds if it was evaluated under them.
 
         Repeated results for one coalition are averaged. Raises ``KeyError`` for a coalition that is
         not in the plan. A repeat arriving after its checkpoint was evaluated does not reopen it.
@@ -125,6 +147,8 @@ class Planner:
         position = self._position(coalition)
         self._table.add(position, utility)
         self._asked[position] = True
+        if len(replicates):
+            self._replicates[position] = [float(u) for u in replicates]
 
     def skip(self, coalition: Sequence[int] | np.ndarray) -> None:
         """Give up on a planned coalition (its evaluation failed for good).
@@ -152,7 +176,8 @@ class Planner:
         if self._stopped is not None:
             return self._stopped
         reason = self.plan.end_reason if self._resolved.all() else StopReason.RUNNING
-        return plan_estimate(self.plan, self._table, self.rule, len(self.plan.sequence), self.n_told, reason)
+        return plan_estimate(self.plan, self._table, self.rule, len(self.plan.sequence), self.n_told, reason,
+                             self.noise())
 
     def _position(self, coalition: Sequence[int] | np.ndarray) -> int:
         return self._table.position(as_mask(coalition, self.n_players))
@@ -163,7 +188,8 @@ class Planner:
             checkpoint = self._checkpoints[0]
             if not self._resolved[:checkpoint].all():
                 return
-            result = plan_estimate(self.plan, self._table, self.rule, checkpoint, checkpoint, StopReason.CONVERGED)
+            result = plan_estimate(self.plan, self._table, self.rule, checkpoint, checkpoint, StopReason.CONVERGED,
+                                   self.noise(checkpoint))
             if result.converged:
                 self._stopped = result
             else:

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from . import layout
+from .calibration import fidelity_caption, fidelity_warning
 from .storage import Storage, read_json, write_json
 
 
@@ -28,8 +29,11 @@ def build_results(
     converged: bool,
     stop_reason: str,
     wall_seconds: float,
+    fidelity: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The shapley.json document: contributors sorted by value, best first."""
+    """The shapley.json document: contributors sorted by value, best first. ``fidelity`` (from
+    :func:`datacredit.calibration.fidelity_of`) is kept as ``fidelity``; below its threshold it adds a
+    ``warnings`` entry."""
     order = np.argsort(-values, kind="stable")
     rows = []
     for rank, i in enumerate(order, start=1):
@@ -46,7 +50,7 @@ def build_results(
                 "rank": rank,
             }
         )
-    return {
+    doc: dict[str, Any] = {
         "run": run_name,
         "property": property_name,
         "method": method,
@@ -58,6 +62,12 @@ def build_results(
         "wallClockSeconds": round(wall_seconds, 1),
         "contributors": rows,
     }
+    if fidelity is not None:
+        doc["fidelity"] = fidelity
+        warning = fidelity_warning(fidelity)
+        if warning:
+            doc["warnings"] = [*doc.get("warnings", []), warning]
+    return doc
 
 
 def to_csv(doc: dict[str, Any]) -> str:
@@ -112,6 +122,7 @@ def load_results(store: Storage) -> dict[str, Any]:
 
 def results_table(doc: dict[str, Any]) -> Any:
     """A rich table of the values, best first; harmful contributors in red."""
+    from rich.markup import escape
     from rich.table import Table
 
     t = Table(title=f"Shapley values of {doc['property']} — {doc['run']}", title_justify="left")
@@ -124,4 +135,8 @@ def results_table(doc: dict[str, Any]) -> Any:
                   style=style)
     t.caption = (f"v(full)={doc['vFull']:.4f}  v(∅)={doc['vEmpty']:.4f}  coalitions={doc['evaluations']}  "
                  f"{doc['stopReason']}  {doc['wallClockSeconds']:.0f}s")
+    fid = doc.get("fidelity")
+    if fid:
+        line = escape(fidelity_caption(fid))
+        t.caption += "\n" + (line if fid.get("ok") else f"[yellow]{line}, below {fid.get('threshold', 0.8):g}[/]")
     return t

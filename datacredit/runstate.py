@@ -50,9 +50,24 @@ def read_manifest(store: Storage) -> dict[str, Any]:
 def planner_for(run: ValuationRun, n_players: int) -> Planner:
     """The planner for a run: the same coalitions in the same order for the same spec and seed."""
     e = run.spec.estimator
-    return Planner(n_players=n_players, budget=e.budget, method=e.name, seed=e.seed, tolerance=e.tolerance)
+    replicated = e.replicates.coalitions if e.replicates.seeds > 0 else 0
+    return Planner(n_players=n_players, budget=e.budget, method=e.name, seed=e.seed, tolerance=e.tolerance,
+                   replicate_coalitions=replicated)
+
+
+def replicate_utilities(result: dict[str, Any]) -> list[float]:
+    """The utilities a coalition's result.json holds under replicate seeds (none for most coalitions)."""
+    return [float(r["utility"]) for r in result.get("replicates") or []]
 
 
 def member_indices(coalition: np.ndarray) -> list[int]:
     """Indices of the members of a boolean coalition vector."""
     return [int(i) for i in np.flatnonzero(coalition)]
+
+
+def utility_row(members: list[int], utility: float, replicates: list[float]) -> dict[str, Any]:
+    """One line of results/utilities.jsonl (replicate-seed utilities where the coalition has them)."""
+    row: dict[str, Any] = {"members": members, "utility": utility}
+    if replicates:
+        row["replicates"] = replicates
+    return row

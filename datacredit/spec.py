@@ -34,14 +34,30 @@ class Architecture(_Model):
         Field(min_length=1, max_length=6, description="Output channels of each UNet block."),
     ] = [32, 64]
     layers_per_block: Annotated[int, Field(ge=1, le=4)] = 1
-    attention: Annotated[bool, Field(description="Self-attention in the last down block and first up block.")] = True
+    attention: Annotated[
+        bool, Field(description="Self-attention in every down block but the first (mirrored in the up blocks) "
+                                "and in the mid block.")
+    ] = True
+    attention_blocks: Annotated[
+        list[bool] | None,
+        Field(max_length=6, description="Per down block, whether it has self-attention (the up blocks mirror it); "
+                                        "overrides `attention` for the blocks. The paper's CIFAR UNet: "
+                                        "[false, true, false, false]."),
+    ] = None
+    norm_num_groups: Annotated[
+        int, Field(ge=1, le=64, description="GroupNorm groups; every width must be a multiple (the paper: 32).")
+    ] = 8
 
-    @field_validator("block_out_channels")
-    @classmethod
-    def _groups(cls, v: list[int]) -> list[int]:
-        if any(w % 8 for w in v):
-            raise ValueError(f"every width must be a multiple of 8 (GroupNorm uses 8 groups), got {v}")
-        return v
+    @model_validator(mode="after")
+    def _shape(self) -> Architecture:
+        widths = self.block_out_channels
+        if any(w % self.norm_num_groups for w in widths):
+            raise ValueError(f"every width in blockOutChannels {widths} must be a multiple of normNumGroups="
+                             f"{self.norm_num_groups}")
+        if self.attention_blocks is not None and len(self.attention_blocks) != len(widths):
+            raise ValueError(f"attentionBlocks has {len(self.attention_blocks)} entries for {len(widths)} blocks "
+                             "(one per blockOutChannels entry)")
+        return self
 
 
 class TrainSpec(_Model):
@@ -200,6 +216,21 @@ class MethodSpec(_Model):
     prune: PruneSpec = PruneSpec()
     finetune: FinetuneSpec = FinetuneSpec()
     sampler: SamplerSpec = SamplerSpec()
+    common_random_numbers: Annotated[
+        bool,
+        Field(description="Every coalition shares the randomness that does not depend on its data (fine-tuning "
+                          "timesteps and noise, sampling noise), so utilities differ by data, not by luck."),
+    ] = True
+
+
+class ReplicateSpec(_Model):
+    """Coalitions evaluated again under independent seeds: they measure the between-seed part of the intervals."""
+
+    coalitions: Annotated[
+        int, Field(ge=0, le=1000, description="Coalitions replicated besides ∅ (spread over sizes; 0: none).")
+    ] = 4
+    seeds: Annotated[int, Field(ge=0, le=100, description="Extra seeds each replicated coalition is evaluated "
+                                                          "under (0: no replicates, intervals from residuals).")] = 2
 
 
 class EstimatorSpec(_Model):
@@ -213,6 +244,7 @@ class EstimatorSpec(_Model):
         float, Field(ge=0, le=1, description="Stop when the widest 95% interval < tolerance × value range.")
     ] = 0.02
     seed: Annotated[int, Field(ge=0, le=2**31 - 1)] = 0
+    replicates: ReplicateSpec = ReplicateSpec()
 
 
 class Resources(_Model):

@@ -8,8 +8,9 @@ Ground truth (stored in the run under ``evaluation/``, reused by every later cal
   ``spec.method.finetune.steps``: the utility of FT-Shapley (fine-tuning without pruning).
 
 Rankers compared: the run's sparsified-FT Shapley values, FT-Shapley and retraining Shapley at the same compute
-budget (seconds) as the sparsified-FT run, leave-one-out by retraining, and pixel / embedding similarity of each
-contributor's images to the full model's samples.
+budget as the sparsified-FT run (counted work: forward passes weighted by model size, see ``BUDGET_RULE``; seconds
+are reported beside it), leave-one-out by retraining, and pixel / embedding similarity of each contributor's images
+to the full model's samples.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from datacredit import evaluation as ev
 from datacredit import layout
 from datacredit.results import load_results
 from datacredit.runstate import planner_for
+from datacredit.seeds import Seeds
 from datacredit.shapley import estimate_from_table
 from datacredit.shapley.table import as_row
 from datacredit.storage import S3Options, open_storage, read_json, write_json
@@ -44,6 +46,10 @@ from .unet import build_unet
 from .worker import load_run, local_copy, prepared_run, run_coalition
 
 REPORT = "evaluation/report.json"
+BUDGET_RULE = ("equal counted work: forward passes of training (steps × batch, 3 passes per image for forward and "
+               "backward) and sampling (DDIM steps × samples), weighted by the parameters of the model they run on, in "
+               "full-model forward passes; FT-Shapley and retrain Shapley take the plan's coalitions in order while "
+               "their summed work stays within sparsified-FT's (pruned fine-tuning plus all its coalition evaluations)")
 SUPPORTED_FAMILIES = ("ddpm",)
 BASELINES = ("loo", "ft-shapley", "retrain-shapley", "pixel", "embedding")
 
@@ -113,10 +119,12 @@ class GroundTruth:
         out = [self._lookup(kind, *r) for r in requests]
         return [r for r in out if r is not None]
 
-    def _images(self, members: tuple[int, ...]) -> torch.Tensor:
+    def images_of(self, members: tuple[int, ...]) -> torch.Tensor:
+        """The training images of ``members``."""
         return self.data.images[torch.from_numpy(np.isin(self.p.owner, members))]
 
-    def _score(self, samples: torch.Tensor, what: str) -> float:
+    def score(self, samples: torch.Tensor, what: str) -> float:
+        """The run's fitted property of ``samples``; a non-finite value is an error naming ``what``."""
         u = float(self.p.prop.score(samples))
         if not np.isfinite(u):
             raise RuntimeError(f"property {self.p.run.spec.property.name!r} returned {u} for {what}")
@@ -130,9 +138,9 @@ class GroundTruth:
         images = self.data.images
         torch.manual_seed(seed)
         model = build_unet(sample_size=images.shape[-1], in_channels=images.shape[1], **unet_arch(self.p.run))
-        result = train_ddpm(model, self._images(members), t.steps, t.learning_rate, t.batch_size, seed=seed)
+        result = train_ddpm(model, self.images_of(members), t.steps, t.learning_rate, t.batch_size, seed=seed)
         samples = sample_ddim(result.inference_model, s.property.samples, s.method.sampler.steps, seed=seed)
-        return self._score(samples, f"retrained {list(members)}"), time.perf_counter() - t0
+        return self.score(samples, f"retrained {list(members)}"), time.perf_counter() - t0
 
     def full_model(self) -> Checkpoint:
         """The unpruned full model prepare saved (``prepare/sparsified/full``)."""
@@ -157,11 +165,11 @@ class GroundTruth:
         s = self.p.run.spec
         ft = s.method.finetune
         t0 = time.perf_counter()
-        samples, _, _ = finetune_and_sample(self.full_model(), self._images(members), steps=ft.steps,
+        samples, _, _ = finetune_and_sample(self.full_model(), self.images_of(members), steps=ft.steps,
                                             lr=ft.learning_rate, batch_size=ft.batch_size,
                                             n_samples=s.property.samples, ddim_steps=s.method.sampler.steps,
                                             seed=seed)
-        return self._score(samples, f"fine-tuned full model on {list(members)}"), time.perf_counter() - t0
+        return self.score(samples, f"fine-tuned full model on {list(members)}"), time.perf_counter() - t0
 
 
 def side_by_side(gt: GroundTruth, repeats: int = 3) -> dict[str, float]:
@@ -177,33 +185,38 @@ def side_by_side(gt: GroundTruth, repeats: int = 3) -> dict[str, float]:
         times["retrain"].append(gt.retrain(full, seed)[1])
         times["ftFull"].append(gt.finetune_full(full, seed)[1])
         t0 = time.perf_counter()
-        gt.p.prop.score(family.coalition(run, gt.p.state, mask, seed)[0])
+        gt.p.prop.score(family.coalition(run, gt.p.state, mask, Seeds(data=seed, noise=seed))[0])
         times["sparsified"].append(time.perf_counter() - t0)
     return {k: float(np.median(v)) for k, v in times.items()}
 
 
 def _sparsified_cost(prepare: dict[str, Any], coalitions: list[dict[str, Any]]) -> float:
-    """Seconds the sparsified-FT run spent beyond the full model: pruning, its fine-tuning, all coalitions."""
+    """Seconds the sparsified-FT run spent beyond the full model: pruning, its fine-tuning, all coalitions
+    (measured in the run's worker processes: reported, not used as the budget)."""
     sec = prepare.get("seconds", {})
     return float(sec.get("prune", 0.0) + sec.get("prune_finetune", 0.0)
                  + sum(c["seconds"].get("total", 0.0) for c in coalitions))
 
 
-def _budgeted_shapley(gt: GroundTruth, kind: str, seconds: float, label: str) -> tuple[np.ndarray, dict[str, Any]]:
-    """Shapley values from ``kind`` utilities of the run's planner coalitions, in plan order, until the
-    stored/measured seconds reach ``seconds`` (equal compute budget)."""
+def _sparsified_work(work: ev.WorkModel, coalitions: list[dict[str, Any]]) -> float:
+    """Counted work of the sparsified-FT run: the pruned model's fine-tuning and every coalition evaluation
+    (replicate seeds included)."""
+    return ev.sparsified_run_work(work, [(len(c["members"]), 1 + len(c.get("replicates") or []))
+                                         for c in coalitions])
+
+
+def _budgeted_shapley(gt: GroundTruth, kind: str, work: ev.WorkModel, budget: float, label: str
+                      ) -> tuple[np.ndarray, dict[str, Any]]:
+    """Shapley values from ``kind`` utilities of the run's planner coalitions, in plan order, as many as fit in
+    the sparsified-FT run's counted work ``budget`` (:func:`datacredit.evaluation.equal_budget_plan`)."""
     run, n = gt.p.run, len(gt.p.manifest["contributors"])
     seed = run.spec.seed
-    rows: list[dict[str, Any]] = []
-    spent = 0.0
-    for coal in planner_for(run, n).plan.sequence:
-        if spent >= seconds:
-            break
-        members = tuple(int(i) for i in np.flatnonzero(coal))
-        row = gt.get(kind, [(members, seed)], label)[0]
-        spent += row.seconds
-        rows.append({"members": list(members), "utility": row.utility})
-    info = {"coalitions": len(rows), "seconds": round(spent, 1)}
+    plan = [tuple(int(i) for i in np.flatnonzero(coal)) for coal in planner_for(run, n).plan.sequence]
+    share = plan[:ev.equal_budget_plan(work, kind, [len(m) for m in plan], budget)]
+    truth = gt.get(kind, [(m, seed) for m in share], label)
+    rows = [{"members": list(m), "utility": r.utility} for m, r in zip(share, truth, strict=True)]
+    info = {"coalitions": len(rows), "seconds": round(sum(r.seconds for r in truth), 1),
+            "work": round(sum(work.coalition(kind, len(m)) for m in share), 1)}
     try:
         est = estimate_from_table(rows, n_players=n, method=run.spec.estimator.name)
     except (ValueError, np.linalg.LinAlgError) as e:
@@ -268,19 +281,24 @@ def evaluate(run_uri: str, settings: EvalSettings, *, options: S3Options | None 
         coalitions = [c for c in (read_json(store, k) for k in store.list("coalitions") if k.endswith("/result.json"))
                       if tuple(c["members"]) in planned]
         prepare = read_json(store, layout.PREPARE_RESULT)
-        budget_s = _sparsified_cost(prepare, coalitions)
-        budgets["sparsified-FT Shapley"] = {"coalitions": len(coalitions), "seconds": round(budget_s, 1)}
+        work = ev.WorkModel.from_run(run, prepare)
+        budget = _sparsified_work(work, coalitions)
+        budgets["sparsified-FT Shapley"] = {"coalitions": len(coalitions),
+                                            "seconds": round(_sparsified_cost(prepare, coalitions), 1),
+                                            "work": round(budget, 1)}
 
         full = tuple(range(n))
         if "loo" in settings.baselines:
             loo = gt.get("retrain", [(full, seed0)] + [(full[:i] + full[i + 1:], seed0) for i in range(n)],
                          "LOO retrains")
             rankers["LOO (retrain)"] = np.asarray([loo[0].utility - r.utility for r in loo[1:]])
-            budgets["LOO (retrain)"] = {"coalitions": n + 1, "seconds": round(sum(r.seconds for r in loo), 1)}
+            budgets["LOO (retrain)"] = {"coalitions": n + 1, "seconds": round(sum(r.seconds for r in loo), 1),
+                                        "work": round(work.coalition("retrain", n)
+                                                      + n * work.coalition("retrain", n - 1), 1)}
         for name, kind, flag in (("FT-Shapley", "ft-full", "ft-shapley"),
                                  ("retrain Shapley", "retrain", "retrain-shapley")):
             if flag in settings.baselines:
-                rankers[name], budgets[name] = _budgeted_shapley(gt, kind, budget_s, f"{name} (equal budget)")
+                rankers[name], budgets[name] = _budgeted_shapley(gt, kind, work, budget, f"{name} (equal budget)")
         for which in ("pixel", "embedding"):
             if which in settings.baselines:
                 rankers.update(_similarity(gt, n, which))
@@ -340,6 +358,7 @@ def evaluate(run_uri: str, settings: EvalSettings, *, options: S3Options | None 
         "settings": {**asdict(settings), "seedList": seeds},
         "values": {k: [float(x) for x in v] for k, v in rankers.items()},
         "budget": budgets,
+        "budgetRule": BUDGET_RULE,
         "lds": lds,
         "counterfactual": counterfactual,
         "fullUtility": ev.interval([r.utility for r in full_rows], settings.interval).to_dict(),
@@ -363,11 +382,16 @@ def report_tables(report: dict[str, Any]) -> list[Any]:
     t.add_column("ranker")
     for a in alphas:
         t.add_column(f"α={a}", justify="right")
-    t.add_column("budget", justify="right")
+    t.add_column("coalitions", justify="right")
+    t.add_column("work (full-model passes)", justify="right")
+    t.add_column("seconds", justify="right")
     for name, by_alpha in report["lds"].items():
         b = report["budget"].get(name, {})
+        spend = [str(b["coalitions"]), f"{b['work']:,.0f}" if "work" in b else "-", f"{b['seconds']:.0f}"] \
+            if b else ["-", "-", "-"]
         t.add_row(name, *(str(ev.Interval(d["mean"], *d["ci95"])) for d in (by_alpha[str(a)] for a in alphas)),
-                  f"{b['coalitions']} / {b['seconds']:.0f}s" if b else "-")
+                  *spend)
+    t.caption = "budget: equal counted work (training image = 3 forward passes), not seconds"
     c = Table(title=f"Counterfactual ΔF (%) vs. the full set, removing {report['settings']['fraction']:.0%}")
     c.add_column("ranker")
     c.add_column("remove top", justify="right")

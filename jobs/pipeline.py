@@ -17,7 +17,7 @@ from diffusers import UNet2DModel
 from .prune import prune_unet
 from .sample import sample_ddim
 from .train import Checkpoint, EMAState, Progress, train_ddpm
-from .unet import build_unet, count_params
+from .unet import build_unet, count_params, untrained_like
 
 
 @dataclass
@@ -93,21 +93,35 @@ def finetune_and_sample(
     seed: int = 0,
     sample_batch: int = 512,
     clip_sample: bool = True,
+    noise_seed: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, float], Checkpoint]:
     """Fine-tune a copy of ``sparsified`` on ``images`` (no training when empty), then sample from the EMA
     weights (the raw ones without EMA); ``clip_sample=False`` for latents (see :func:`sample_ddim`).
+    ``seed`` draws the batches; ``noise_seed`` (default: ``seed``) the fine-tuning timesteps and ε and the
+    sampling noise, so coalitions given one ``noise_seed`` share them (common random numbers).
     Returns samples, stage seconds and the fine-tuned checkpoint."""
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     start = Checkpoint(copy.deepcopy(sparsified.model), sparsified.ema)
     ema: EMAState | bool | None = start.ema if start.ema is not None else None
-    result = train_ddpm(start.model, images, steps, lr, batch_size, seed=seed, ema=ema)
+    result = train_ddpm(start.model, images, steps, lr, batch_size, seed=seed, ema=ema, noise_seed=noise_seed)
     seconds["finetune"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    samples = sample_ddim(result.inference_model, n_samples, ddim_steps, seed=seed, batch_size=sample_batch,
+    sample_seed = seed if noise_seed is None else noise_seed
+    samples = sample_ddim(result.inference_model, n_samples, ddim_steps, seed=sample_seed, batch_size=sample_batch,
                           clip_sample=clip_sample)
     seconds["sample"] = time.perf_counter() - t0
     return samples, seconds, Checkpoint(result.model, result.ema)
+
+
+def sample_untrained(like: UNet2DModel, *, init_seed: int, n_samples: int, ddim_steps: int, seed: int,
+                     sample_batch: int = 512, clip_sample: bool = True) -> tuple[torch.Tensor, dict[str, float]]:
+    """Samples of the model trained on no data, v(∅) as in the paper's code: a fresh initialisation of
+    ``like``'s (unpruned) architecture, seeded with ``init_seed``; ``seed`` is the sampling noise."""
+    t0 = time.perf_counter()
+    samples = sample_ddim(untrained_like(like, init_seed), n_samples, ddim_steps, seed=seed, batch_size=sample_batch,
+                          clip_sample=clip_sample)
+    return samples, {"finetune": 0.0, "sample": time.perf_counter() - t0}
 
 
 def coalition_utility(sparsified: Checkpoint, images: torch.Tensor, prop: Any, **kw: Any) -> CoalitionResult:

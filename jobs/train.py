@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DModel
 from diffusers.training_utils import EMAModel
 
+from datacredit.seeds import derived_seed
+
 from .device import pick_device
 from .unet import load_unet, read_meta, save_unet
 
@@ -126,15 +128,19 @@ def train_ddpm(
     antithetic: bool = True,
     device: torch.device | str | None = None,
     desc: str = "",
+    noise_seed: int | None = None,
 ) -> TrainResult:
     """Train ``model`` in place for ``steps`` Adam steps on ``images`` (N, C, H, W) in [-1, 1].
 
     Each batch draws ``batch_size`` images uniformly *with replacement*, so tiny coalitions work.
     ``ema``: ``True`` starts a fresh EMA from the current weights, an :class:`EMAState` continues it (a
     copy; the argument is not modified), ``None``/``False`` trains without one. With no images or no steps
-    the model is returned unchanged. All randomness comes from ``seed`` (CPU generator), so a run is
-    reproducible on the same device and thread count. ``progress``: a ``callback(step, loss)``, or True to
-    print ten lines labelled ``desc``. Sample from ``result.inference_model``.
+    the model is returned unchanged. Two CPU generators hold all randomness, so a run is reproducible on
+    the same device and thread count: ``seed`` draws which images each batch holds, ``noise_seed`` (default
+    derived from ``seed``) the timesteps and the noise ε. Kept apart, the timesteps and ε of step t are the
+    same for every data set given one ``noise_seed``: common random numbers across coalitions.
+    ``progress``: a ``callback(step, loss)``, or True to print ten lines labelled ``desc``. Sample from
+    ``result.inference_model``.
     """
     t0 = time.perf_counter()
     device = pick_device(str(device) if device else None)
@@ -150,6 +156,8 @@ def train_ddpm(
         return TrainResult(model, state, losses, time.perf_counter() - t0)
 
     gen = torch.Generator("cpu").manual_seed(seed)
+    noise_gen = torch.Generator("cpu").manual_seed(derived_seed(seed, "train-noise") if noise_seed is None
+                                                   else noise_seed)
     sched = noise_scheduler()
     data = images.to(device, torch.float32)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
@@ -164,11 +172,11 @@ def train_ddpm(
         idx = torch.randint(len(data), (batch_size,), generator=gen)
         x0 = data[idx.to(device)]
         if antithetic:
-            half = torch.randint(n_t, ((batch_size + 1) // 2,), generator=gen)
+            half = torch.randint(n_t, ((batch_size + 1) // 2,), generator=noise_gen)
             t = torch.cat([half, n_t - 1 - half])[:batch_size]
         else:
-            t = torch.randint(n_t, (batch_size,), generator=gen)
-        noise = torch.randn(x0.shape, generator=gen).to(device)
+            t = torch.randint(n_t, (batch_size,), generator=noise_gen)
+        noise = torch.randn(x0.shape, generator=noise_gen).to(device)
         t = t.to(device)
         xt = sched.add_noise(x0, noise, t)
         loss = F.mse_loss(model(xt, t).sample, noise)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,9 +37,12 @@ def build_unet(
     attention: bool = True,
     norm_num_groups: int = 8,
     attention_head_dim: int | None = None,
+    attention_blocks: Sequence[bool] | None = None,
 ) -> UNet2DModel:
     """A DDPM-style UNet: ``DownBlock2D`` first, ``AttnDownBlock2D`` after it (plain blocks if not
     ``attention``), mirrored up blocks and a mid block with attention when ``attention``.
+    ``attention_blocks`` says per down block whether it has attention (the up blocks mirror it), for
+    example ``(False, True, False, False)`` for the DDPM CIFAR-10 UNet the paper prunes.
 
     ``attention_head_dim=None`` gives one head per attention layer, as in the DDPM CIFAR-10 config.
     Every width must be divisible by ``norm_num_groups``.
@@ -47,7 +51,11 @@ def build_unet(
         if w % norm_num_groups:
             raise ValueError(f"block width {w} is not divisible by norm_num_groups={norm_num_groups}")
     n = len(block_out_channels)
-    down = ["DownBlock2D"] + ["AttnDownBlock2D" if attention else "DownBlock2D"] * (n - 1)
+    if attention_blocks is None:
+        attention_blocks = [False] + [attention] * (n - 1)
+    if len(attention_blocks) != n:
+        raise ValueError(f"attention_blocks has {len(attention_blocks)} entries for {n} blocks")
+    down = ["AttnDownBlock2D" if a else "DownBlock2D" for a in attention_blocks]
     up = [b.replace("Down", "Up") for b in reversed(down)]
     return UNet2DModel(
         sample_size=sample_size,
@@ -61,6 +69,15 @@ def build_unet(
         attention_head_dim=attention_head_dim,
         add_attention=attention,
     )
+
+
+def untrained_like(model: UNet2DModel, seed: int) -> UNet2DModel:
+    """A freshly initialised UNet of ``model``'s architecture as its diffusers config lists it: the unpruned
+    widths, also for a pruned model (pruning leaves the config as it was). Seeded: the same every time."""
+    with torch.random.fork_rng(devices=[]):  # leave the global generator as it was
+        torch.manual_seed(seed)
+        fresh = UNet2DModel.from_config(dict(model.config))
+    return fresh.to(next(model.parameters()).device).eval()
 
 
 def count_params(model: nn.Module) -> int:

@@ -12,7 +12,7 @@ import platform
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,8 @@ import torch
 from datacredit import __version__, layout
 from datacredit.dataset import IMAGE_SUFFIXES, DatasetError, discover
 from datacredit.ids import coalition_id, contributor_id
+from datacredit.runstate import member_indices, planner_for
+from datacredit.seeds import coalition_seeds
 from datacredit.spec import SpecError, ValuationRun, parse_manifest
 from datacredit.storage import S3Options, Storage, download_dir, open_storage, read_json, upload_dir, write_json
 
@@ -30,6 +32,10 @@ from .device import set_threads
 from .families import Assets, TrainData, get_family
 from .images import decode_check, decode_image, save_grid
 from .properties.registry import property_for
+
+#: The property is a fixed instrument: fitted (the demo's classifier, random splits) with this seed whatever
+#: ``spec.seed`` is, so runs that differ only in their seed measure the same property.
+PROPERTY_SEED = 0
 
 
 def _versions() -> dict[str, str]:
@@ -206,7 +212,7 @@ def run_prepare(run_uri: str, *, options: S3Options | None = None, progress: boo
         t0 = time.monotonic()
         prop = property_for(s.property, assets.get)
         ref, labels = _reference(run, options, size, data)
-        prop.fit(ref, labels, Path(d) / "property", seed=s.seed)
+        prop.fit(ref, labels, Path(d) / "property", seed=PROPERTY_SEED)
         upload_dir(store, layout.PROPERTY_CACHE, Path(d) / "property")
         seconds["property_fit"] = time.monotonic() - t0
 
@@ -248,6 +254,7 @@ class PreparedRun:
     owner: np.ndarray
     state: Any  # what the family's load() returned: the sparsified model and anything else it reuses
     prop: Any  # the run's property, fitted in prepare and loaded from its cache
+    replicated: frozenset[tuple[int, ...]] = frozenset()  # coalitions also evaluated under replicate seeds
 
 
 @lru_cache(maxsize=2)
@@ -263,10 +270,20 @@ def prepared_run(run_uri: str, options: S3Options) -> PreparedRun:
     tag = contributor_id(run_uri + store.read_bytes(layout.PREPARE_RESULT).decode())  # new prepare, new copy
     assets = _assets(options)
     prop = property_for(run.spec.property, assets.get)
-    prop.fit(None, None, local_copy(store, layout.PROPERTY_CACHE, tag), seed=run.spec.seed)
+    prop.fit(None, None, local_copy(store, layout.PROPERTY_CACHE, tag), seed=PROPERTY_SEED)
     data = TrainData(_to_tensor(images), owner, captions)
     state = get_family(run.spec.model.family).load(run, local_copy(store, layout.SPARSIFIED, tag), data, assets)
-    return PreparedRun(run, read_json(store, layout.MANIFEST), owner, state, prop)
+    manifest = read_json(store, layout.MANIFEST)
+    replicated = frozenset(tuple(member_indices(c)) for c in
+                           planner_for(run, len(manifest["contributors"])).replicated)
+    return PreparedRun(run, manifest, owner, state, prop, replicated)
+
+
+def _score(p: PreparedRun, samples: torch.Tensor, cid: str) -> float:
+    utility = float(p.prop.score(samples))
+    if not np.isfinite(utility):
+        raise RuntimeError(f"property {p.run.spec.property.name!r} returned {utility} for coalition {cid}")
+    return utility
 
 
 def run_coalition(run_uri: str, members: list[int], *, attempt: int = 1,
@@ -286,16 +303,23 @@ def run_coalition(run_uri: str, members: list[int], *, attempt: int = 1,
     if store.exists(key):
         return read_json(store, key)
     s = p.run.spec
-    seed = s.seed + int(cid[1:9], 16) % 1_000_000  # per-coalition, stable across executors and attempts
-
+    crn = s.method.common_random_numbers
+    family = get_family(s.model.family)
     mask = np.isin(p.owner, sorted(members))
-    samples, seconds = get_family(s.model.family).coalition(p.run, p.state, mask, seed)
+    seeds = coalition_seeds(s.seed, cid, 0, crn)
+    samples, seconds = family.coalition(p.run, p.state, mask, seeds)
     t0 = time.perf_counter()
-    utility = float(p.prop.score(samples))
+    utility = _score(p, samples, cid)
     seconds = {**seconds, "property": time.perf_counter() - t0}
+    replicates = []
+    if tuple(sorted(members)) in p.replicated:  # the between-seed noise is measured on these
+        t0 = time.perf_counter()
+        for r in range(1, s.estimator.replicates.seeds + 1):
+            rep = coalition_seeds(s.seed, cid, r, crn)
+            replicates.append({"replicate": r, "seeds": asdict(rep),
+                               "utility": _score(p, family.coalition(p.run, p.state, mask, rep)[0], cid)})
+        seconds["replicates"] = time.perf_counter() - t0
     seconds["total"] = sum(seconds.values())
-    if not np.isfinite(utility):
-        raise RuntimeError(f"property {s.property.name!r} returned {utility} for coalition {cid}")
 
     with tempfile.TemporaryDirectory() as d:
         grid = save_grid(samples[:64], Path(d) / "samples.png")
@@ -307,7 +331,9 @@ def run_coalition(run_uri: str, members: list[int], *, attempt: int = 1,
         "utility": utility,
         "property": s.property.name,
         "attempt": attempt,
-        "seed": seed,
+        "seeds": asdict(seeds),
+        "commonRandomNumbers": crn,
+        "replicates": replicates,
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
         "versions": _versions(),
     }

@@ -29,7 +29,7 @@ from . import metrics
 from .jobs import LABEL_RUN_UID, PREPARE, JobRequest, RunRef, job_name, render_job
 from .reconcile import FAILED, RUNNING, SUCCEEDED, Plan, decide, job_view
 from .runstore import RunMemory, ensure_run_json, read_store, record_failure, write_results
-from .status import Estimate, build_status, estimate_of, failed_note, now_iso, set_condition
+from .status import Estimate, build_status, estimate_of, failed_note, now_iso, set_condition, status_fidelity
 
 INTERVAL_ENV = "DATACREDIT_RECONCILE_INTERVAL"
 RECONCILE_INTERVAL = float(os.environ.get(INTERVAL_ENV, "5"))
@@ -150,18 +150,22 @@ def _reconcile(body: kopf.Body, meta: dict[str, Any], old: dict[str, Any], uid: 
 
     names = [c["name"] for c in view.contributors]
     estimate = estimate_of(planner, names) if planner is not None else None
+    fidelity = None
     if plan.done and planner is not None:
         started = old.get("startTime")
         wall = now - dt.datetime.fromisoformat(started).timestamp() if started else 0.0
         try:
-            write_results(ref.store, run, planner, view.contributors, view.utilities, wall)
+            doc = write_results(ref.store, run, planner, view.contributors, view.utilities, wall, view.replicates)
+            fidelity = status_fidelity(doc)
+            for warning in doc.get("warnings", []):
+                log.warning("%s/%s: %s", namespace, name, warning)
             metrics.run_succeeded(namespace, name, now)
         except (ValueError, np.linalg.LinAlgError) as error:  # e.g. v(∅) failed for good: nothing to fit
             plan.phase, plan.reason, plan.done = FAILED, "EstimateFailed", False
             plan.message = f"cannot estimate Shapley values: {error}; {failed_note(plan)}"
     eta = _eta(plan, memory, run.spec.execution.parallelism)
     _finish(body, patch, old, plan, estimate, generation, results_uri, len(view.contributors), namespace, name,
-            eta)
+            eta, fidelity)
 
 
 def _eta(plan: Plan, memory: RunMemory, parallelism: int) -> float | None:
@@ -177,9 +181,9 @@ def _eta(plan: Plan, memory: RunMemory, parallelism: int) -> float | None:
 
 def _finish(body: kopf.Body, patch: kopf.Patch, old: dict[str, Any], plan: Plan, estimate: Estimate | None,
             generation: int, results_uri: str, contributors: int, namespace: str, name: str,
-            eta: float | None = None) -> None:
+            eta: float | None = None, fidelity: dict[str, Any] | None = None) -> None:
     status = build_status(plan, estimate, old, generation=generation, results_uri=results_uri,
-                          contributors=contributors)
+                          contributors=contributors, fidelity=fidelity)
     patch.status.update(status)
     if old.get("phase") != plan.phase:
         message = plan.message or f"{status['progress']} coalitions evaluated"

@@ -25,7 +25,7 @@ class Planner(Protocol):
     """What the reconcile needs of `datacredit.planner.Planner`."""
 
     def ask(self, k: int) -> Any: ...
-    def tell(self, coalition: Any, utility: float) -> None: ...
+    def tell(self, coalition: Any, utility: float, replicates: Any = ()) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -87,6 +87,7 @@ class StoreView:
     contributors: list[dict[str, Any]] = field(default_factory=list)
     utilities: dict[str, float] = field(default_factory=dict)  # coalition id -> utility
     failures: dict[str, dict[int, str]] = field(default_factory=dict)  # key -> {attempt: reason}
+    replicates: dict[str, list[float]] = field(default_factory=dict)  # coalition id -> replicate-seed utilities
 
 
 @dataclass(frozen=True)
@@ -234,7 +235,7 @@ def decide(
         members = tuple(int(i) for i in np.flatnonzero(coal))
         cid = coalition_id([ids[i] for i in members], run.config_hash())
         if cid in store.utilities:
-            planner.tell(coal, store.utilities[cid])
+            planner.tell(coal, store.utilities[cid], store.replicates.get(cid, ()))
             continue
         step, attempt = _next_step(per.get(cid), ex.max_attempts_per_coalition)
         if step == "failed":

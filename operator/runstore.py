@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
 from datacredit import layout
+from datacredit.finish import finish_run
 from datacredit.ids import coalition_id
-from datacredit.results import build_results, save_results
-from datacredit.runstate import member_indices
+from datacredit.runstate import member_indices, replicate_utilities, utility_row
 from datacredit.spec import ValuationRun
 from datacredit.storage import Storage, read_json, write_json
 
@@ -37,6 +34,7 @@ class RunMemory:
     prepared: bool = False
     contributors: list[dict[str, Any]] = field(default_factory=list)
     utilities: dict[str, float] = field(default_factory=dict)
+    replicates: dict[str, list[float]] = field(default_factory=dict)
     failures: dict[str, dict[int, str]] = field(default_factory=dict)
     coalition_seconds: list[float] = field(default_factory=list)
     running_seen: set[str] = field(default_factory=set)
@@ -83,6 +81,8 @@ def read_store(store: Storage, memory: RunMemory) -> tuple[StoreView, dict[str, 
             if len(parts) == 3 and parts[2] == "result.json" and parts[1] not in memory.utilities:
                 doc = read_json(store, k)
                 memory.utilities[parts[1]] = float(doc["utility"])
+                if replicate_utilities(doc):
+                    memory.replicates[parts[1]] = replicate_utilities(doc)
                 seconds = doc.get("seconds") or {}
                 if "total" in seconds:
                     memory.coalition_seconds.append(float(seconds["total"]))
@@ -90,7 +90,7 @@ def read_store(store: Storage, memory: RunMemory) -> tuple[StoreView, dict[str, 
                     fresh[parts[1]] = seconds
         memory.listed_once = True
     view = StoreView(memory.prepared, memory.contributors, dict(memory.utilities),
-                     {k: dict(v) for k, v in memory.failures.items()})
+                     replicates=dict(memory.replicates), failures={k: dict(v) for k, v in memory.failures.items()})
     return view, fresh
 
 
@@ -101,7 +101,8 @@ def record_failure(store: Storage, key: str, attempt: int, reason: str, message:
 
 
 def write_results(store: Storage, run: ValuationRun, planner: Any, contributors: list[dict[str, Any]],
-                  utilities: dict[str, float], wall_seconds: float) -> dict[str, Any]:
+                  utilities: dict[str, float], wall_seconds: float,
+                  replicates: dict[str, list[float]] | None = None) -> dict[str, Any]:
     """results/shapley.json, .csv (+ values.png) and utilities.jsonl, as the local executor writes them."""
     ids = [c["id"] for c in contributors]
     rows = []
@@ -109,23 +110,5 @@ def write_results(store: Storage, run: ValuationRun, planner: Any, contributors:
         members = member_indices(coal)
         cid = coalition_id([ids[i] for i in members], run.config_hash())
         if cid in utilities:
-            rows.append({"members": members, "utility": utilities[cid]})
-    anchors = {len(r["members"]): r["utility"] for r in rows if len(r["members"]) in (0, len(ids))}
-    est = planner.estimate()
-    doc = build_results(
-        contributors,
-        np.asarray(est.values),
-        np.asarray(est.stderr),
-        run_name=run.metadata.name,
-        property_name=run.spec.property.name,
-        method=run.spec.estimator.name,
-        v_empty=anchors.get(0, float("nan")),
-        v_full=anchors.get(len(ids), float("nan")),
-        evaluations=int(est.n_evaluations),
-        converged=bool(est.converged),
-        stop_reason=str(est.stop_reason),
-        wall_seconds=wall_seconds,
-    )
-    save_results(store, doc)
-    store.write_bytes(layout.UTILITIES, "".join(json.dumps(r) + "\n" for r in rows).encode())
-    return doc
+            rows.append(utility_row(members, utilities[cid], (replicates or {}).get(cid, [])))
+    return finish_run(store, run, planner, contributors, rows, wall_seconds)

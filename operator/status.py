@@ -68,9 +68,28 @@ def set_condition(conditions: list[dict[str, Any]], type_: str, status: bool, re
     return [c for c in conditions if c.get("type") != type_] + [new]
 
 
+def status_fidelity(results: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The bounded fidelity summary of a results document (shapley.json's ``fidelity``, from
+    ``datacredit calibrate``): Pearson and Spearman with retrained utilities, calibration coalitions and whether
+    Pearson reaches the threshold; None when the results carry none. Undefined correlations are left out."""
+    fid = (results or {}).get("fidelity")
+    if not isinstance(fid, dict):
+        return None
+    out: dict[str, Any] = {}
+    for key in ("pearson", "spearman"):
+        value = (fid.get(key) or {}).get("value")
+        if value is not None and math.isfinite(float(value)):
+            out[key] = round(float(value), 4)
+    out["coalitions"] = max(int(fid.get("coalitions") or 0), 0)
+    out["ok"] = bool(fid.get("ok"))
+    return out
+
+
 def build_status(plan: Plan, estimate: Estimate | None, old: dict[str, Any], *, generation: int,
-                 results_uri: str, contributors: int, now: str | None = None) -> dict[str, Any]:
-    """The whole status from a Plan, the estimate and the previous status (for transition times)."""
+                 results_uri: str, contributors: int, now: str | None = None,
+                 fidelity: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The whole status from a Plan, the estimate and the previous status (for transition times).
+    ``fidelity`` is :func:`status_fidelity` of the results document, once the run has one."""
     now = now or now_iso()
     c = plan.counts
     status: dict[str, Any] = {
@@ -90,6 +109,8 @@ def build_status(plan: Plan, estimate: Estimate | None, old: dict[str, Any], *, 
                               "converged": estimate.converged, "stopReason": estimate.stop_reason}
         status["top"] = estimate.top()
         status["topContributor"] = status["top"][0]["contributor"] if status["top"] else ""
+    if fidelity is not None:
+        status["fidelity"] = fidelity
 
     conds = list(old.get("conditions") or [])
     prepared = contributors > 0

@@ -11,8 +11,9 @@ from typer.testing import CliRunner
 from datacredit import evaluation as ev
 from datacredit.cli import app
 from datacredit.local import execute
-from datacredit.runstate import open_run
+from datacredit.runstate import open_run, planner_for
 from datacredit.spec import parse_manifest
+from datacredit.storage import read_json
 from tests.tiny import CONTRIBUTORS, TinyData, tiny_manifest
 
 pytestmark = pytest.mark.workload
@@ -36,6 +37,15 @@ def test_evaluate_stores_and_reuses_ground_truth(tiny_data: TinyData, tmp_path: 
     assert first["retrainedNow"] > 0
     assert {"sparsified-FT Shapley", "LOO (retrain)", "FT-Shapley", "pixel-max", "embedding-mean"} <= set(first["lds"])
     assert first["budget"]["retrain Shapley"]["coalitions"] >= 1
+    # equal compute is counted work (forward passes x model size), the same rule for every ranker
+    spent = first["budget"]
+    budget = spent["sparsified-FT Shapley"]["work"]
+    work = ev.WorkModel.from_run(run, read_json(ref.store, "prepare/result.json"))
+    sizes = [int(c.sum()) for c in planner_for(run, n).plan.sequence]
+    for name, kind in (("FT-Shapley", "ft-full"), ("retrain Shapley", "retrain")):
+        assert 0 < spent[name]["work"] <= budget and spent[name]["seconds"] > 0
+        assert spent[name]["coalitions"] == ev.equal_budget_plan(work, kind, sizes, budget)
+    assert spent["retrain Shapley"]["coalitions"] <= spent["FT-Shapley"]["coalitions"] <= len(sizes)
     for by_alpha in first["lds"].values():
         d = by_alpha["0.5"]
         assert len(d["perSeed"]) == 2 and d["ci95"][0] <= d["mean"] <= d["ci95"][1]
@@ -64,6 +74,7 @@ def test_evaluate_stores_and_reuses_ground_truth(tiny_data: TinyData, tmp_path: 
                                    "--fraction", "0.25"])  # default --baselines: all five
     assert res.exit_code == 0, res.output
     assert "LDS" in res.output and "retrained now: 0" in res.output
+    assert "equal counted work" in " ".join(res.output.split())
 
 
 def test_evaluate_refuses_other_families(tmp_path: Path) -> None:

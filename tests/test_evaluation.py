@@ -87,3 +87,44 @@ def test_truth_table_roundtrip_and_errors() -> None:
         ev.parse_truth(rows[0].to_json() + "\n{\"kind\": \"retrain\"}\n", "t.jsonl")
     with pytest.raises(ValueError, match="ground-truth kind"):
         ev.truth_file("guess")
+
+
+def _work(**kw: int) -> ev.WorkModel:
+    base = {"params_full": 100, "params_pruned": 25, "samples": 16, "sampler_steps": 5, "finetune_steps": 10,
+            "finetune_batch": 8, "prune_finetune_steps": 0, "prune_batch": 8, "train_steps": 40, "train_batch": 8}
+    return ev.WorkModel(**{**base, **kw})
+
+
+def test_counted_work_per_ranker_from_the_settings() -> None:
+    w = _work(prune_finetune_steps=20)
+    sample = 5 * 16  # DDIM steps x samples, forward passes
+    # sparsified: 10 steps x 8 images x 3 passes on the pruned model (a quarter of the full one)
+    assert w.coalition("sparsified", 3) == pytest.approx((3 * 10 * 8 + sample) * 0.25)
+    assert w.coalition("ft-full", 3) == pytest.approx(3 * 10 * 8 + sample)
+    assert w.coalition("retrain", 3) == pytest.approx(3 * 40 * 8 + sample)
+    for kind in ev.RANKER_KINDS:  # ∅ only samples, on a full-size model
+        assert w.coalition(kind, 0) == pytest.approx(sample)
+    assert w.coalition("sparsified", 3, steps=20, params=50) == pytest.approx((3 * 20 * 8 + sample) * 0.5)
+    assert w.one_off("sparsified") == pytest.approx(3 * 20 * 8 * 0.25) and w.one_off("ft-full") == 0.0
+    # every evaluation counts, replicate seeds included
+    assert ev.sparsified_run_work(w, [(0, 1), (2, 3)]) == pytest.approx(
+        w.one_off("sparsified") + sample + 3 * w.coalition("sparsified", 2))
+    with pytest.raises(ValueError, match="ranker kind"):
+        w.coalition("guess", 1)
+    with pytest.raises(ValueError, match="paramsFull"):
+        ev.WorkModel.from_run(None, {"paramsPruned": 3})
+
+
+def test_equal_budget_never_gives_a_ranker_more_than_its_share() -> None:
+    w = _work()
+    sizes = [0, 4, 1, 3, 2, 2, 1, 3, 2, 2]  # a plan: ∅ and the full set first, then the rest
+    budget = ev.sparsified_run_work(w, [(s, 1) for s in sizes])  # sparsified-FT evaluated the whole plan
+    # FT-Shapley costs 4x per non-empty coalition (unpruned model): (240 + 80) vs 80
+    ft = ev.equal_budget_plan(w, "ft-full", sizes, budget)
+    ft_costs = [w.coalition("ft-full", s) for s in sizes]
+    assert sum(ft_costs[:ft]) <= budget < sum(ft_costs[:ft + 1])
+    assert ft == 3  # 80 + 320 + 320 = 720 ≤ 800 < 1040
+    assert ev.equal_budget_plan(w, "sparsified", sizes, budget) == len(sizes)  # its own plan fits exactly
+    assert ev.equal_budget_plan(w, "retrain", sizes, budget) == 1  # ∅ (80), then a retrain (1040) is too much
+    assert ev.coalitions_within_budget([1.0, 1.0, 1.0], 2.5) == 2
+    assert ev.coalitions_within_budget([], 1.0) == 0

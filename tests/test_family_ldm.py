@@ -21,11 +21,13 @@ from diffusers.models.attention_processor import Attention  # noqa: E402
 from datacredit import layout  # noqa: E402
 from datacredit.dataset import DatasetError  # noqa: E402
 from datacredit.jobs.families import Assets, TrainData, get_family  # noqa: E402
-from datacredit.jobs.families.ldm import AUTOENCODER, LATENTS, check_heads, encode, head_dim  # noqa: E402
+from datacredit.jobs.families.ldm import AUTOENCODER, LATENTS, check_heads, decode, encode, head_dim  # noqa: E402
 from datacredit.jobs.prune import prune_unet  # noqa: E402
+from datacredit.jobs.sample import sample_ddim  # noqa: E402
 from datacredit.jobs.train import Checkpoint  # noqa: E402
 from datacredit.jobs.unet import build_unet, load_unet, save_unet  # noqa: E402
 from datacredit.jobs.worker import run_coalition, run_prepare  # noqa: E402
+from datacredit.seeds import Seeds  # noqa: E402
 from datacredit.spec import parse_manifest  # noqa: E402
 from datacredit.storage import open_storage, write_json  # noqa: E402
 from tests.tiny import TinyData, tiny_manifest  # noqa: E402
@@ -147,12 +149,20 @@ def test_prepare_reuses_latents_and_coalitions_run(tiny_data: TinyData, vq_dir: 
     family = get_family("ldm")
     state = family.load(run, sparsified, TrainData(images, owner, [""] * len(images)), ASSETS)
     mask = np.isin(owner, [0, 2])
-    a, seconds = family.coalition(run, state, mask, seed=7)
-    b, _ = family.coalition(run, state, mask, seed=7)
+    a, seconds = family.coalition(run, state, mask, seeds=Seeds(7, 7))
+    b, _ = family.coalition(run, state, mask, seeds=Seeds(7, 7))
     assert a.shape == (8, 1, 16, 16) and a.min() >= -1 and a.max() <= 1 and {"finetune", "decode"} <= set(seconds)
     assert torch.equal(a, b)
-    c, _ = family.coalition(run, state, np.isin(owner, [1]), seed=7)
+    c, _ = family.coalition(run, state, np.isin(owner, [1]), seeds=Seeds(7, 7))
     assert not torch.equal(a, c)
+    # ∅ is the model trained on no data: the untrained initialisation (the same one every time), not the
+    # sparsified model that saw everyone
+    null, null_seconds = family.coalition(run, state, np.zeros(len(owner), dtype=bool), seeds=Seeds(7, 7))
+    again, _ = family.coalition(run, state, np.zeros(len(owner), dtype=bool), seeds=Seeds(8, 7))
+    assert torch.equal(null, again) and null_seconds["finetune"] == 0.0
+    sparse_only = decode(state.vq, sample_ddim(state.sparsified.inference_model, 8, run.spec.method.sampler.steps,
+                                               seed=7, clip_sample=False), state.channels)
+    assert not torch.allclose(null, sparse_only, atol=1e-3)
     assert calls.counts["encode"] == encodes
 
     # a different VQModel behind spec.model.autoencoder is refused: the stored latents are not its latents

@@ -19,7 +19,14 @@ from PIL import Image  # noqa: E402
 from datacredit import layout  # noqa: E402
 from datacredit.dataset import DatasetError  # noqa: E402
 from datacredit.jobs.families import Assets, Family, get_family  # noqa: E402
-from datacredit.jobs.families.sdlora import CAPTIONS_FILE, Encoded, State, load_pipeline, text_embeddings  # noqa: E402
+from datacredit.jobs.families.sdlora import (  # noqa: E402
+    CAPTIONS_FILE,
+    Encoded,
+    State,
+    load_pipeline,
+    sample,
+    text_embeddings,
+)
 from datacredit.jobs.lora import (  # noqa: E402
     ADAPTER,
     attach_lora,
@@ -33,6 +40,7 @@ from datacredit.jobs.lora import (  # noqa: E402
 )
 from datacredit.jobs.properties.custom import PropertyContext  # noqa: E402
 from datacredit.jobs.worker import run_coalition, run_prepare  # noqa: E402
+from datacredit.seeds import Seeds  # noqa: E402
 from datacredit.spec import ValuationRun, parse_manifest  # noqa: E402
 from datacredit.storage import open_storage, read_json, write_json  # noqa: E402
 from tests.tiny_models import save_tiny_sd_pipeline  # noqa: E402
@@ -266,7 +274,7 @@ def test_sidecar_captions_reach_training(loaded: tuple[ValuationRun, Family, Sta
         lambda m, args, kwargs, out: seen.append((args[2] if len(args) > 2 else kwargs["encoder_hidden_states"])
                                                  .detach().clone()) if m.training else None, with_kwargs=True)
     try:
-        family.coalition(run, state, np.array([False, False, True, True, False, False]), seed=7)  # bob only
+        family.coalition(run, state, np.array([False, False, True, True, False, False]), seeds=Seeds(7, 7))  # bob only
     finally:
         hook.remove()
     assert len(seen) == run.spec.method.finetune.steps
@@ -284,19 +292,25 @@ def test_empty_coalition_does_not_train_and_coalitions_are_deterministic(
         now = lora_state(state.pipe.unet)
         return any(not torch.equal(now[k], v) for k, v in state.lora.items())
 
-    empty, seconds = family.coalition(run, state, np.zeros(6, dtype=bool), seed=11)
+    empty, seconds = family.coalition(run, state, np.zeros(6, dtype=bool), seeds=Seeds(11, 11))
     assert not lora_changed()
     assert empty.shape == (4, 3, 16, 16) and empty.min() >= -1 and empty.max() <= 1
     assert seconds["finetune"] < seconds["sample"]
 
     mask = np.array([True, True, False, False, True, True])
-    a, _ = family.coalition(run, state, mask, seed=11)
+    a, _ = family.coalition(run, state, mask, seeds=Seeds(11, 11))
     assert lora_changed()
-    b, _ = family.coalition(run, state, mask, seed=11)
+    b, _ = family.coalition(run, state, mask, seeds=Seeds(11, 11))
     assert torch.equal(a, b)
     assert not torch.equal(a, empty)
-    again, _ = family.coalition(run, state, np.zeros(6, dtype=bool), seed=11)
+    again, _ = family.coalition(run, state, np.zeros(6, dtype=bool), seeds=Seeds(11, 11))
     assert torch.equal(again, empty)  # each coalition starts from the pruned LoRA
+    # ∅ samples the base model without the LoRA (the paper's null model), not the pruned LoRA untrained
+    set_lora_state(state.pipe.unet, state.lora, "test")
+    s = run.spec
+    with_lora = sample(state.pipe, s.model.prompt, s.property.samples, s.method.sampler.steps,
+                       s.method.sampler.guidance_scale, state.resolution, 11)
+    assert not torch.allclose(with_lora, empty, atol=1e-4)
 
 
 def test_single_channel_samples_are_averaged(loaded: tuple[ValuationRun, Family, State]) -> None:
@@ -304,8 +318,8 @@ def test_single_channel_samples_are_averaged(loaded: tuple[ValuationRun, Family,
     manifest = run.to_manifest()
     grey = parse_manifest({**manifest, "spec": {**manifest["spec"],
                                                 "dataset": {**manifest["spec"]["dataset"], "channels": 1}}})
-    colour, _ = family.coalition(run, state, np.zeros(6, dtype=bool), seed=5)
-    mono, _ = family.coalition(grey, state, np.zeros(6, dtype=bool), seed=5)
+    colour, _ = family.coalition(run, state, np.zeros(6, dtype=bool), seeds=Seeds(5, 5))
+    mono, _ = family.coalition(grey, state, np.zeros(6, dtype=bool), seeds=Seeds(5, 5))
     assert mono.shape == (4, 1, 16, 16)
     torch.testing.assert_close(mono, colour.mean(dim=1, keepdim=True))
 

@@ -38,7 +38,9 @@ def test_prune_round_trip(tmp_path, head_dim):
     x, t = _inputs()
     pruned, stats = prune_unet(model, 0.3)
     assert stats.params_after == count_params(pruned) < stats.params_before
-    assert all(w < stats.widths_before[k] for k, w in stats.widths_after.items())
+    # the paper's count: (C - int(0.7 C)) // 8 channels of each of the 8 GroupNorm groups go, so 32 -> 24 and
+    # 16 -> 16 (narrow layers keep every channel, as torch-pruning 1.3.2 left them)
+    assert {(stats.widths_before[k], w) for k, w in stats.widths_after.items()} == {(16, 16), (32, 24)}
     for name, m in pruned.named_modules():
         if isinstance(m, torch.nn.GroupNorm):
             assert m.num_channels % m.num_groups == 0, name
@@ -54,6 +56,21 @@ def test_prune_round_trip(tmp_path, head_dim):
         assert torch.equal(loaded(x, t).sample, y)
     # the loaded model keeps training (shapes, attributes and the optimiser all agree)
     train_ddpm(loaded, _data(8), steps=2, batch_size=4, ema=False)
+
+
+def test_prune_ratio_matches_the_paper_on_its_cifar_unet():
+    """The paper's CIFAR UNet (DDPM-CIFAR10: 128/256/256/256, 2 layers, attention in the 2nd down block,
+    32 GroupNorm groups) at ratio 0.3: 35.75M -> 19.85M parameters, widths 128 -> 96 and 256 -> 192."""
+    model = build_unet(32, 3, (128, 256, 256, 256), layers_per_block=2, norm_num_groups=32,
+                       attention_blocks=(False, True, False, False))
+    assert [type(b).__name__ for b in model.up_blocks] == ["UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"]
+    assert count_params(model) == pytest.approx(35.75e6, rel=0.001)
+    pruned, stats = prune_unet(model, 0.3)
+    assert stats.params_after == pytest.approx(19.85e6, rel=0.02)
+    assert stats.widths_after["down_blocks.0.resnets.0"] == 96
+    assert stats.widths_after["down_blocks.1.resnets.0"] == 192
+    with torch.no_grad():
+        assert pruned(torch.randn(1, 3, 32, 32), torch.tensor([10])).sample.shape == (1, 3, 32, 32)
 
 
 def test_unpruned_save_load_and_bad_dir(tmp_path):

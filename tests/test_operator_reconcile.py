@@ -31,7 +31,7 @@ class ScriptedPlanner:
         self.pos += len(out)
         return out
 
-    def tell(self, coalition: np.ndarray, utility: float) -> None:
+    def tell(self, coalition: np.ndarray, utility: float, replicates: Any = ()) -> None:
         self.told.append((coalition, utility))
 
     def estimate(self) -> Any:

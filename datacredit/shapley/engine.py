@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import copy
+from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
 
@@ -13,6 +14,7 @@ from datacredit.shapley.kernel import kernel_shapley
 from datacredit.shapley.loo import leave_one_out
 from datacredit.shapley.permutation import permutation_shapley
 from datacredit.shapley.result import Estimate, StopReason
+from datacredit.shapley.seednoise import SeedNoise, seed_variance, sensitivity
 from datacredit.shapley.stopping import StoppingRule
 from datacredit.shapley.table import Observations, RowLike, Table, as_row, infer_n_players
 
@@ -45,13 +47,38 @@ def table_values(
     return (*kernel_shapley(obs), used)
 
 
+def seed_stderr(table: Table, method: str, noise: SeedNoise, plan: Plan | None = None,
+                upto: int | None = None) -> np.ndarray:
+    """Between-seed standard error of each value estimated from the first ``upto`` rows (see
+    :mod:`datacredit.shapley.seednoise`)."""
+    obs = Observations.of(table, upto)
+    keep = table.observed.copy()
+    if upto is not None:
+        keep[upto:] = False
+    rows = np.flatnonzero(keep)
+
+    def values_of(means: np.ndarray) -> np.ndarray:
+        moved = copy.copy(table)
+        moved.total = table.total.copy()
+        moved.total[rows] = means * table.count[rows]
+        return table_values(moved, method, plan, upto)[0]
+
+    return np.sqrt(seed_variance(noise, obs, sensitivity(obs, method, values_of)))
+
+
 def plan_estimate(
-    plan: Plan, table: Table, rule: StoppingRule, upto: int, n_evaluations: int, stop_reason: StopReason
+    plan: Plan, table: Table, rule: StoppingRule, upto: int, n_evaluations: int, stop_reason: StopReason,
+    noise: SeedNoise | None = None,
 ) -> Estimate:
-    """Estimate from the first ``upto`` rows of a plan's table; ``converged`` is the rule's verdict."""
+    """Estimate from the first ``upto`` rows of a plan's table; ``converged`` is the rule's verdict. With
+    ``noise`` (from replicated coalitions) the standard errors include the between-seed part."""
     values, stderr, used = table_values(table, plan.method, plan, upto)
+    between = None
+    if noise is not None:
+        between = seed_stderr(table, plan.method, noise, plan, upto)
+        stderr = np.sqrt(stderr**2 + between**2)
     converged = rule.met(plan.method, values, stderr)
-    return Estimate(values, stderr, n_evaluations, converged, stop_reason, plan.method, used)
+    return Estimate(values, stderr, n_evaluations, converged, stop_reason, plan.method, used, between, noise)
 
 
 def estimate(
@@ -112,15 +139,24 @@ def estimate_from_table(
     No plan is needed: ``kernel``, ``banzhaf`` and ``permutation`` run the size-stratified
     regression over whatever rows exist (``permutation`` loses its chain structure and becomes the
     kernel regression), ``exact`` needs all 2^n rows (otherwise it also regresses), ``loo`` needs the
-    n leave-one-out rows. ``converged`` reports whether the interval criterion holds.
+    n leave-one-out rows. Rows with ``"replicates"`` (utilities under replicate seeds, as
+    results/utilities.jsonl stores them) add the between-seed part to the standard errors.
+    ``converged`` reports whether the interval criterion holds.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    rows = [as_row(r) for r in rows]
+    raw = list(rows)
+    rows = [as_row(r) for r in raw]
     n = infer_n_players(rows) if n_players is None else n_players
     table = Table.from_rows(rows, n)
     values, stderr, used = table_values(table, method)
+    replicated = [(not r.members, [r.utility, *d["replicates"]]) for r, d in zip(rows, raw, strict=True)
+                  if isinstance(d, Mapping) and d.get("replicates")]
+    noise = SeedNoise.fit(replicated)
+    between = seed_stderr(table, method, noise) if noise is not None else None
+    if between is not None:
+        stderr = np.sqrt(stderr**2 + between**2)
     complete = used == 2**n
     reason = StopReason.ALL_COALITIONS if complete else StopReason.BUDGET
     met = StoppingRule(tolerance, atol).met(method, values, stderr)
-    return Estimate(values, stderr, len(rows), met, reason, method, used)
+    return Estimate(values, stderr, len(rows), met, reason, method, used, between, noise)

@@ -45,14 +45,20 @@ def _semivalue(obs: Observations, weight_of_size: np.ndarray) -> tuple[np.ndarra
     return phi, np.sqrt(var)
 
 
-def exact_shapley(obs: Observations) -> tuple[np.ndarray, np.ndarray]:
-    """Shapley values by enumeration: weights |S|! (n - |S| - 1)! / n!."""
-    n = obs.members.shape[1]
+def semivalue_weights(n: int, kind: str) -> np.ndarray:
+    """Weight of a marginal contribution v(S + i) - v(S) by |S|: Shapley |S|! (n - |S| - 1)! / n!, Banzhaf
+    2^-(n-1)."""
+    if kind == "banzhaf":
+        return np.full(n, 2.0 ** -(n - 1))
     s = np.arange(n)
-    return _semivalue(obs, np.exp(gammaln(s + 1) + gammaln(n - s) - gammaln(n + 1)))
+    return np.exp(gammaln(s + 1) + gammaln(n - s) - gammaln(n + 1))
+
+
+def exact_shapley(obs: Observations) -> tuple[np.ndarray, np.ndarray]:
+    """Shapley values by enumeration."""
+    return _semivalue(obs, semivalue_weights(obs.members.shape[1], "shapley"))
 
 
 def exact_banzhaf(obs: Observations) -> tuple[np.ndarray, np.ndarray]:
-    """Banzhaf values by enumeration: weight 2^-(n-1) on every marginal contribution."""
-    n = obs.members.shape[1]
-    return _semivalue(obs, np.full(n, 2.0 ** -(n - 1)))
+    """Banzhaf values by enumeration."""
+    return _semivalue(obs, semivalue_weights(obs.members.shape[1], "banzhaf"))

@@ -53,6 +53,7 @@ class KernelFit(NamedTuple):
     kernel_values: np.ndarray  # phi_K
     equal_values: np.ndarray  # phi_E
     blend: float  # lam
+    sensitivity: np.ndarray  # (n, rows of obs): d values / d utility at the fitted lam
 
 
 def kernel_shapley(obs: Observations) -> tuple[np.ndarray, np.ndarray]:
@@ -85,7 +86,12 @@ def kernel_fit(obs: Observations) -> KernelFit:
     influence = (1 - lam) * kern.hat * kern.resid + lam * eff.hat * eff.resid
     var, dof = design_variance(influence, classes, units, X.shape[1] - 1)
     var += lam**2 * bias2 + _anchor_var(obs, [(1 - lam, kern), (lam, eff)], noise)
-    return KernelFit(values, t_stderr(var, min(dof, kern.dof)), kern.values, eff.values, lam)
+    jac = np.zeros((n, len(obs.values)))
+    jac[:, inner] = (1 - lam) * kern.hat + lam * eff.hat
+    d_full, d_empty = _anchor_sensitivity([(1 - lam, kern), (lam, eff)])
+    jac[:, obs.lookup(np.ones(n, dtype=bool))] += d_full
+    jac[:, obs.lookup(np.zeros(n, dtype=bool))] += d_empty
+    return KernelFit(values, t_stderr(var, min(dof, kern.dof)), kern.values, eff.values, lam, jac)
 
 
 def _noise_var(obs: Observations, fit: Fit, counts: np.ndarray, n_free: int) -> float | None:
@@ -114,6 +120,14 @@ def _blend(kern: Fit, eff: Fit) -> tuple[float, np.ndarray]:
     return lam, np.maximum(diff**2 - kern.var, 0.0)
 
 
+def _anchor_sensitivity(parts: list[tuple[float, Fit]]) -> tuple[np.ndarray, np.ndarray]:
+    """How the blend moves with v(N) (through the efficiency constraint) and with v(∅) (the constraint and
+    the offset of every row)."""
+    d_full = sum(coef * fit.solve[:, -1] for coef, fit in parts)
+    d_empty = -sum(coef * fit.hat.sum(axis=1) for coef, fit in parts) - d_full
+    return np.asarray(d_full), np.asarray(d_empty)
+
+
 def _anchor_var(obs: Observations, parts: list[tuple[float, Fit]], noise: float | None) -> np.ndarray:
     """Variance the noise of v(∅) and v(N) adds to every value (shared by all rows, so the sandwich
     misses it), for the blend ``sum(coef * fit)``: v(N) enters through the efficiency constraint,
@@ -121,8 +135,7 @@ def _anchor_var(obs: Observations, parts: list[tuple[float, Fit]], noise: float 
     n = obs.members.shape[1]
     if noise is None:
         return np.zeros(n)
-    d_full = sum(coef * fit.solve[:, -1] for coef, fit in parts)
-    d_empty = -sum(coef * fit.hat.sum(axis=1) for coef, fit in parts) - d_full
+    d_full, d_empty = _anchor_sensitivity(parts)
     count_empty = obs.counts[obs.lookup(np.zeros(n, dtype=bool))]
     count_full = obs.counts[obs.lookup(np.ones(n, dtype=bool))]
     return noise * (d_empty**2 / count_empty + d_full**2 / count_full)

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from datacredit.shapley.seednoise import SeedNoise
 
 #: z-value of a two-sided 95% interval; ``values ± Z95 * stderr`` is the reported interval.
 Z95 = 1.959963984540054
@@ -29,8 +33,10 @@ class Estimate:
     interval on few design units is wider than the normal one; the scaling folds that in); it is inf
     while the design has fewer units than parameters. Utility noise is part of the standard errors
     of the sampling methods; ``kernel`` also adds the noise of v(∅) and v(N), which every value
-    shares. ``exact`` and ``loo`` see noise only through coalitions evaluated more than once (their
-    standard errors are zero otherwise). ``n_coalitions`` counts the distinct coalitions used.
+    shares. ``exact`` and ``loo`` see noise only through coalitions evaluated more than once or replicated
+    under other seeds. When coalitions were replicated, ``stderr`` also holds the between-seed part
+    (``seed_stderr``, see :mod:`datacredit.shapley.seednoise`). ``n_coalitions`` counts the distinct
+    coalitions used.
     """
 
     values: np.ndarray
@@ -40,6 +46,8 @@ class Estimate:
     stop_reason: StopReason
     method: str
     n_coalitions: int
+    seed_stderr: np.ndarray | None = None  # the between-seed part of ``stderr`` (None: not measured)
+    noise: SeedNoise | None = None  # the variance components it came from
 
     @property
     def halfwidth(self) -> np.ndarray:
@@ -56,6 +64,8 @@ class Estimate:
             "n_coalitions": self.n_coalitions,
             "converged": self.converged,
             "stop_reason": str(self.stop_reason),
+            "seed_stderr": None if self.seed_stderr is None else _finite_or_none(self.seed_stderr),
+            "noise": None if self.noise is None else self.noise.to_dict(),
         }
 
 

@@ -10,6 +10,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from datacredit.seeds import Seeds
 from datacredit.spec import ValuationRun
 
 
@@ -60,8 +61,10 @@ class Family(Protocol):
         ...
 
     def coalition(
-        self, run: ValuationRun, state: Any, mask: np.ndarray, seed: int
+        self, run: ValuationRun, state: Any, mask: np.ndarray, seeds: Seeds
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        """Fine-tune a copy of the sparsified model on the images where ``mask`` is True (none: no training),
-        then generate ``spec.property.samples`` images in [-1, 1]. Returns the samples and stage seconds."""
+        """Fine-tune a copy of the sparsified model on the images where ``mask`` is True, then generate
+        ``spec.property.samples`` images in [-1, 1]; with no images, sample the model trained on no data (the
+        paper's null model: the untrained initialisation, or the base model without the LoRA). ``seeds.data``
+        draws the batches, ``seeds.noise`` everything else. Returns the samples and stage seconds."""
         ...

@@ -10,9 +10,10 @@ import numpy as np
 import torch
 
 from datacredit.dataset import DatasetError
+from datacredit.seeds import Seeds, derived_seed
 from datacredit.spec import ValuationRun
 
-from ..pipeline import Prepared, finetune_and_sample, prepare_sparsified
+from ..pipeline import Prepared, finetune_and_sample, prepare_sparsified, sample_untrained
 from ..train import Checkpoint
 from .base import Assets, TrainData
 
@@ -31,7 +32,8 @@ def unet_arch(run: ValuationRun) -> dict[str, Any]:
     """:func:`build_unet` options from ``spec.model.architecture`` (sizes come from the data)."""
     a = run.spec.model.architecture
     return {"block_out_channels": tuple(a.block_out_channels), "layers_per_block": a.layers_per_block,
-            "attention": a.attention}
+            "attention": a.attention, "norm_num_groups": a.norm_num_groups,
+            "attention_blocks": None if a.attention_blocks is None else tuple(a.attention_blocks)}
 
 
 def sparsify(run: ValuationRun, images: torch.Tensor, full: torch.nn.Module | None, progress: bool = False,
@@ -56,6 +58,23 @@ def sparsify(run: ValuationRun, images: torch.Tensor, full: torch.nn.Module | No
     )
 
 
+def unet_coalition(run: ValuationRun, sparsified: Checkpoint, images: torch.Tensor, mask: np.ndarray, seeds: Seeds,
+                   clip_sample: bool = True) -> tuple[torch.Tensor, dict[str, float]]:
+    """A coalition of a UNet family (shared by ddpm and ldm): fine-tune on ``images[mask]`` and sample, or for
+    ∅ sample the untrained initialisation of the full architecture (seeded by ``spec.seed``)."""
+    s = run.spec
+    if not mask.any():
+        return sample_untrained(sparsified.model, init_seed=derived_seed(s.seed, "null-init"),
+                                n_samples=s.property.samples, ddim_steps=s.method.sampler.steps, seed=seeds.noise,
+                                clip_sample=clip_sample)
+    ft = s.method.finetune
+    samples, seconds, _ = finetune_and_sample(
+        sparsified, images[torch.from_numpy(mask)], steps=ft.steps, lr=ft.learning_rate, batch_size=ft.batch_size,
+        n_samples=s.property.samples, ddim_steps=s.method.sampler.steps, seed=seeds.data, noise_seed=seeds.noise,
+        clip_sample=clip_sample)
+    return samples, seconds
+
+
 class DDPMFamily:
     """prepare: [train] -> prune the EMA weights -> fine-tune; coalition: fine-tune (EMA continued) -> DDIM."""
 
@@ -76,15 +95,10 @@ class DDPMFamily:
     def load(self, run: ValuationRun, out_dir: Path, data: TrainData, assets: Assets) -> Any:
         return Checkpoint.load(out_dir), data
 
-    def coalition(self, run: ValuationRun, state: Any, mask: np.ndarray, seed: int
+    def coalition(self, run: ValuationRun, state: Any, mask: np.ndarray, seeds: Seeds
                   ) -> tuple[torch.Tensor, dict[str, float]]:
         sparsified, data = state
-        s = run.spec
-        ft = s.method.finetune
-        samples, seconds, _ = finetune_and_sample(
-            sparsified, data.images[torch.from_numpy(mask)], steps=ft.steps, lr=ft.learning_rate,
-            batch_size=ft.batch_size, n_samples=s.property.samples, ddim_steps=s.method.sampler.steps, seed=seed)
-        return samples, seconds
+        return unet_coalition(run, sparsified, data.images, mask, seeds)
 
 
 FAMILY = DDPMFamily()

@@ -20,13 +20,13 @@ from diffusers import VQModel
 from diffusers.models.attention_processor import Attention
 
 from datacredit.dataset import DatasetError
+from datacredit.seeds import Seeds
 from datacredit.spec import ValuationRun
 
 from ..device import pick_device
-from ..pipeline import finetune_and_sample
 from ..train import Checkpoint
 from .base import Assets, TrainData
-from .ddpm import load_full_unet, sparsify
+from .ddpm import load_full_unet, sparsify, unet_coalition
 
 LATENTS = "latents.npy"  # (N, latent_channels, h, w) float32, in the order of prepare/dataset.npz
 AUTOENCODER = "autoencoder.json"  # the VQModel's URI and config the latents were encoded with
@@ -192,14 +192,9 @@ class LDMFamily:
                                "run prepare again")
         return LDMState(Checkpoint.load(out_dir), latents, load_vqmodel(uri, assets), s.dataset.channels)
 
-    def coalition(self, run: ValuationRun, state: LDMState, mask: np.ndarray, seed: int
+    def coalition(self, run: ValuationRun, state: LDMState, mask: np.ndarray, seeds: Seeds
                   ) -> tuple[torch.Tensor, dict[str, float]]:
-        s = run.spec
-        ft = s.method.finetune
-        latents, seconds, _ = finetune_and_sample(
-            state.sparsified, state.latents[torch.from_numpy(mask)], steps=ft.steps, lr=ft.learning_rate,
-            batch_size=ft.batch_size, n_samples=s.property.samples, ddim_steps=s.method.sampler.steps, seed=seed,
-            clip_sample=False)
+        latents, seconds = unet_coalition(run, state.sparsified, state.latents, mask, seeds, clip_sample=False)
         t0 = time.perf_counter()
         images = decode(state.vq, latents, state.channels)
         seconds["decode"] = time.perf_counter() - t0

@@ -18,6 +18,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline
 from safetensors.torch import load_file, save_file
 
 from datacredit.dataset import DatasetError
+from datacredit.seeds import Seeds, derived_seed
 from datacredit.spec import ValuationRun
 
 from ..device import pick_device
@@ -130,10 +131,12 @@ def encode(pipe: StableDiffusionPipeline, data: TrainData) -> Encoded:
 
 
 def train_lora(pipe: StableDiffusionPipeline, enc: Encoded, indices: np.ndarray, steps: int, lr: float,
-               batch_size: int, seed: int, progress: Progress | bool | None = None, desc: str = "") -> list[float]:
+               batch_size: int, seed: int, progress: Progress | bool | None = None, desc: str = "",
+               noise_seed: int | None = None) -> list[float]:
     """Train the UNet's LoRA in place for ``steps`` AdamW steps on the encoded items ``indices`` (batches drawn
     with replacement, latents sampled from their VAE distribution, the pipeline's noise schedule and prediction
-    type). No items or no steps: nothing changes. All randomness comes from ``seed``."""
+    type). No items or no steps: nothing changes. ``seed`` draws the batches, ``noise_seed`` (default derived
+    from ``seed``) the VAE sampling, ε and timesteps, so they do not shift with the data (common random numbers)."""
     losses: list[float] = []
     if steps <= 0 or len(indices) == 0:
         return losses
@@ -142,15 +145,17 @@ def train_lora(pipe: StableDiffusionPipeline, enc: Encoded, indices: np.ndarray,
     params = lora_parameters(unet)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=WEIGHT_DECAY)
     gen = torch.Generator("cpu").manual_seed(seed)
+    noise_gen = torch.Generator("cpu").manual_seed(derived_seed(seed, "train-noise") if noise_seed is None
+                                                   else noise_seed)
     items = torch.from_numpy(np.asarray(indices, dtype=np.int64))
     n_t = sched.config.num_train_timesteps
     report = progress_reporter(progress, steps, desc)
     unet.train()
     for step in range(1, steps + 1):
         idx = items[torch.randint(len(items), (batch_size,), generator=gen)]
-        latents = enc.mean[idx] + enc.std[idx] * torch.randn(enc.mean[idx].shape, generator=gen)
-        noise = torch.randn(latents.shape, generator=gen)
-        t = torch.randint(n_t, (batch_size,), generator=gen)
+        latents = enc.mean[idx] + enc.std[idx] * torch.randn(enc.mean[idx].shape, generator=noise_gen)
+        noise = torch.randn(latents.shape, generator=noise_gen)
+        t = torch.randint(n_t, (batch_size,), generator=noise_gen)
         latents, noise, t = latents.to(device), noise.to(device), t.to(device)
         target = sched.get_velocity(latents, noise, t) if sched.config.prediction_type == "v_prediction" else noise
         pred = unet(sched.add_noise(latents, noise, t), t, enc.embeddings[enc.caption[idx]].to(device)).sample
@@ -244,18 +249,26 @@ class SDLoraFamily:
         load_lora(pipe.unet, out_dir / LORA_DIR, f"prepare output {out_dir / LORA_DIR}")
         return State(pipe, lora_state(pipe.unet), Encoded.load(out_dir), self.resolution(run, assets))
 
-    def coalition(self, run: ValuationRun, state: State, mask: np.ndarray, seed: int
+    def coalition(self, run: ValuationRun, state: State, mask: np.ndarray, seeds: Seeds
                   ) -> tuple[torch.Tensor, dict[str, float]]:
         s = run.spec
         ft, sampler = s.method.finetune, s.method.sampler
         seconds: dict[str, float] = {}
         t0 = time.perf_counter()
         set_lora_state(state.pipe.unet, state.lora, "the pruned LoRA")
-        train_lora(state.pipe, state.encoded, np.flatnonzero(mask), ft.steps, ft.learning_rate, ft.batch_size, seed)
+        null = not mask.any()  # the model trained on no data: the base pipeline without the LoRA
+        if null:
+            state.pipe.unet.disable_adapters()
+        train_lora(state.pipe, state.encoded, np.flatnonzero(mask), ft.steps, ft.learning_rate, ft.batch_size,
+                   seeds.data, noise_seed=seeds.noise)
         seconds["finetune"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        images = sample(state.pipe, s.model.prompt, s.property.samples, sampler.steps, sampler.guidance_scale,
-                        state.resolution, seed)
+        try:
+            images = sample(state.pipe, s.model.prompt, s.property.samples, sampler.steps, sampler.guidance_scale,
+                            state.resolution, seeds.noise)
+        finally:
+            if null:
+                state.pipe.unet.enable_adapters()
         seconds["sample"] = time.perf_counter() - t0
         if s.dataset.channels == 1:
             images = images.mean(dim=1, keepdim=True)

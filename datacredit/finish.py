@@ -1,0 +1,56 @@
+"""Finishing a run, the same for both executors: the final estimate, results/ and results/utilities.jsonl."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+
+from . import layout
+from .calibration import fidelity_of
+from .planner import Planner
+from .results import build_results, save_results
+from .spec import ValuationRun
+from .storage import Storage
+
+#: What the values add up to, said in every result (the paper's null game).
+SUM_MEANS = ("the values sum to v(full) - v(∅): what the contributors' data added to the property over the "
+             "model trained on no data (its untrained initialisation; sd-lora: the base model without the LoRA)")
+
+
+def finish_run(store: Storage, run: ValuationRun, planner: Planner, contributors: list[dict[str, Any]],
+               rows: list[dict[str, Any]], wall_seconds: float) -> dict[str, Any]:
+    """Write results/shapley.json, .csv, values.png and utilities.jsonl from the planner's final estimate.
+
+    ``rows`` are the evaluated coalitions in plan order, ``{"members", "utility"[, "replicates"]}``.
+    """
+    n = len(contributors)
+    anchors = {len(r["members"]): float(r["utility"]) for r in rows if len(r["members"]) in (0, n)}
+    est = planner.estimate()
+    doc = build_results(
+        contributors,
+        np.asarray(est.values),
+        np.asarray(est.stderr),
+        run_name=run.metadata.name,
+        property_name=run.spec.property.name,
+        method=run.spec.estimator.name,
+        v_empty=anchors.get(0, float("nan")),
+        v_full=anchors.get(n, float("nan")),
+        evaluations=int(est.n_evaluations),
+        converged=bool(est.converged),
+        stop_reason=str(est.stop_reason),
+        wall_seconds=wall_seconds,
+        fidelity=fidelity_of(store, run),
+    )
+    doc["sumOfValues"] = float(np.sum(est.values))
+    doc["sumMeans"] = SUM_MEANS
+    doc["commonRandomNumbers"] = run.spec.method.common_random_numbers
+    doc["seedNoise"] = est.noise.to_dict() if est.noise is not None else None
+    if est.seed_stderr is not None:
+        by_name = {c["name"]: float(s) for c, s in zip(contributors, est.seed_stderr, strict=True)}
+        for row in doc["contributors"]:
+            row["seedStderr"] = by_name[row["name"]]
+    save_results(store, doc)
+    store.write_bytes(layout.UTILITIES, "".join(json.dumps(r) + "\n" for r in rows).encode())
+    return doc
