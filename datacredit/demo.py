@@ -6,17 +6,18 @@ from pathlib import Path
 
 import yaml
 
-# Sizes measured on a 2-core CPU (one torch thread per worker): the full demo takes about 6 minutes,
-# --quick (4 contributors, exact Shapley over all 16 coalitions) about a minute.
+# Sizes measured on a 2-core CPU (one torch thread per worker). The full demo: 6 contributors (3 clean, 3 planted),
+# exact Shapley over all 64 coalitions, so its intervals are the between-seed noise alone; --quick: 4 contributors
+# (16 coalitions) at toy size.
 FULL = {
     "blocks": [32, 64],
     "train": {"steps": 800, "learningRate": 2e-3, "batchSize": 64},
     "prune": {"ratio": 0.3, "finetuneSteps": 200},
-    "finetune": {"steps": 60, "learningRate": 2e-3, "batchSize": 32},
-    "samples": 256,
-    "samplerSteps": 20,
-    "estimator": {"name": "kernel", "budget": 48, "tolerance": 0.02, "seed": 0},
-    "clean": 7,
+    "finetune": {"steps": 40, "learningRate": 2e-3, "batchSize": 32},
+    "samples": 128,
+    "samplerSteps": 16,
+    "estimator": {"name": "exact", "budget": 64, "seed": 0},
+    "clean": 3,
     "bad": ("noise", "blank", "duplicate"),
 }
 QUICK = {

@@ -83,7 +83,7 @@ def test_null_game_is_the_untrained_model_and_crn_can_be_off(tiny_data: TinyData
 
     p = prepared_run(open_run(run).uri, open_run(run).options)
     sparsified, _ = p.state
-    null = untrained_like(sparsified.model, derived_seed(run.spec.seed, "null-init"))
+    null = untrained_like(sparsified.model, derived_seed(results[()]["seeds"]["noise"], "null-init"))
     assert sum(x.numel() for x in null.parameters()) > sum(x.numel() for x in sparsified.model.parameters())
     samples = sample_ddim(null, run.spec.property.samples, run.spec.method.sampler.steps,
                           seed=results[()]["seeds"]["noise"])

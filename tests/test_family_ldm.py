@@ -159,7 +159,9 @@ def test_prepare_reuses_latents_and_coalitions_run(tiny_data: TinyData, vq_dir: 
     # sparsified model that saw everyone
     null, null_seconds = family.coalition(run, state, np.zeros(len(owner), dtype=bool), seeds=Seeds(7, 7))
     again, _ = family.coalition(run, state, np.zeros(len(owner), dtype=bool), seeds=Seeds(8, 7))
-    assert torch.equal(null, again) and null_seconds["finetune"] == 0.0
+    other, _ = family.coalition(run, state, np.zeros(len(owner), dtype=bool), seeds=Seeds(7, 8))
+    assert torch.equal(null, again) and null_seconds["finetune"] == 0.0  # no data, so the data seed is unused
+    assert not torch.equal(null, other)  # another noise seed: another initialisation and sampling noise
     sparse_only = decode(state.vq, sample_ddim(state.sparsified.inference_model, 8, run.spec.method.sampler.steps,
                                                seed=7, clip_sample=False), state.channels)
     assert not torch.allclose(null, sparse_only, atol=1e-3)

@@ -61,10 +61,11 @@ def sparsify(run: ValuationRun, images: torch.Tensor, full: torch.nn.Module | No
 def unet_coalition(run: ValuationRun, sparsified: Checkpoint, images: torch.Tensor, mask: np.ndarray, seeds: Seeds,
                    clip_sample: bool = True) -> tuple[torch.Tensor, dict[str, float]]:
     """A coalition of a UNet family (shared by ddpm and ldm): fine-tune on ``images[mask]`` and sample, or for
-    ∅ sample the untrained initialisation of the full architecture (seeded by ``spec.seed``)."""
+    ∅ sample an untrained initialisation of the full architecture. The initialisation is drawn from the noise
+    seed, so replicate seeds of ∅ measure its spread as well as the sampling noise."""
     s = run.spec
     if not mask.any():
-        return sample_untrained(sparsified.model, init_seed=derived_seed(s.seed, "null-init"),
+        return sample_untrained(sparsified.model, init_seed=derived_seed(seeds.noise, "null-init"),
                                 n_samples=s.property.samples, ddim_steps=s.method.sampler.steps, seed=seeds.noise,
                                 clip_sample=clip_sample)
     ft = s.method.finetune
