@@ -135,6 +135,9 @@ def results_table(doc: dict[str, Any]) -> Any:
                   style=style)
     t.caption = (f"v(full)={doc['vFull']:.4f}  v(∅)={doc['vEmpty']:.4f}  coalitions={doc['evaluations']}  "
                  f"{doc['stopReason']}  {doc['wallClockSeconds']:.0f}s")
+    if "sumOfValues" in doc:
+        t.caption += (f"\nvalues sum to v(full) − v(∅) = {doc['sumOfValues']:+.4f}: what the data added over an "
+                      "untrained model")
     fid = doc.get("fidelity")
     if fid:
         line = escape(fidelity_caption(fid))
