@@ -221,6 +221,12 @@ class MethodSpec(_Model):
         Field(description="Every coalition shares the randomness that does not depend on its data (fine-tuning "
                           "timesteps and noise, sampling noise), so utilities differ by data, not by luck."),
     ] = True
+    null_inits: Annotated[
+        int,
+        Field(ge=1, le=1024, description="ddpm, ldm: v(∅) is the property of the untrained model; its samples are "
+                                         "split over this many random initialisations, so v(∅) measures the "
+                                         "untrained architecture rather than one lucky or unlucky draw."),
+    ] = 16
 
 
 class ReplicateSpec(_Model):

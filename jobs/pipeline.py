@@ -11,8 +11,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from diffusers import UNet2DModel
+
+from datacredit.seeds import derived_seed
 
 from .prune import prune_unet
 from .sample import sample_ddim
@@ -114,14 +117,20 @@ def finetune_and_sample(
     return samples, seconds, Checkpoint(result.model, result.ema)
 
 
-def sample_untrained(like: UNet2DModel, *, init_seed: int, n_samples: int, ddim_steps: int, seed: int,
+def sample_untrained(like: UNet2DModel, *, init_seed: int, n_samples: int, ddim_steps: int, seed: int, inits: int = 1,
                      sample_batch: int = 512, clip_sample: bool = True) -> tuple[torch.Tensor, dict[str, float]]:
-    """Samples of the model trained on no data, v(∅) as in the paper's code: a fresh initialisation of
-    ``like``'s (unpruned) architecture, seeded with ``init_seed``; ``seed`` is the sampling noise."""
+    """Samples of the model trained on no data, v(∅) as in the paper's code: fresh initialisations of ``like``'s
+    (unpruned) architecture. The ``n_samples`` are split as evenly as possible over ``inits`` initialisations
+    (the j-th seeded with ``derived_seed(init_seed, j)``), so the untrained architecture, not one draw of it, is
+    measured; ``seed`` is the sampling noise."""
     t0 = time.perf_counter()
-    samples = sample_ddim(untrained_like(like, init_seed), n_samples, ddim_steps, seed=seed, batch_size=sample_batch,
-                          clip_sample=clip_sample)
-    return samples, {"finetune": 0.0, "sample": time.perf_counter() - t0}
+    inits = max(1, min(inits, n_samples))
+    chunks = []
+    for j, count in enumerate(np.array_split(np.arange(n_samples), inits)):
+        model = untrained_like(like, derived_seed(init_seed, j) if inits > 1 else init_seed)
+        chunks.append(sample_ddim(model, len(count), ddim_steps, seed=derived_seed(seed, j) if inits > 1 else seed,
+                                  batch_size=sample_batch, clip_sample=clip_sample))
+    return torch.cat(chunks), {"finetune": 0.0, "sample": time.perf_counter() - t0}
 
 
 def coalition_utility(sparsified: Checkpoint, images: torch.Tensor, prop: Any, **kw: Any) -> CoalitionResult:

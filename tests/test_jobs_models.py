@@ -8,6 +8,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 pytest.importorskip("torch_pruning")
 
+from datacredit.jobs.pipeline import sample_untrained  # noqa: E402
 from datacredit.jobs.prune import prune_unet  # noqa: E402
 from datacredit.jobs.sample import sample_ddim  # noqa: E402
 from datacredit.jobs.train import Checkpoint, EMAState, train_ddpm  # noqa: E402
@@ -132,6 +133,18 @@ def test_ddim_sampling_is_deterministic():
     assert not torch.equal(a, sample_ddim(model, 6, steps=3, seed=2))
     c = sample_ddim(model, 4, steps=3, seed=1, eta=1.0, batch_size=2)
     torch.testing.assert_close(c, sample_ddim(model, 4, steps=3, seed=1, eta=1.0, batch_size=4))
+
+
+def test_null_samples_split_over_untrained_inits():
+    pruned, _ = prune_unet(_tiny(), 0.5)  # ∅ is sampled from the unpruned architecture its config still lists
+    kw = {"n_samples": 6, "ddim_steps": 2, "seed": 3}
+    one, _ = sample_untrained(pruned, init_seed=7, inits=1, **kw)
+    many, seconds = sample_untrained(pruned, init_seed=7, inits=3, **kw)
+    assert one.shape == many.shape == (6, 1, 8, 8) and seconds["finetune"] == 0.0
+    torch.testing.assert_close(many, sample_untrained(pruned, init_seed=7, inits=3, **kw)[0])  # seeded
+    assert not torch.allclose(one, many)
+    # more inits than samples: one sample per initialisation, never an empty model
+    assert sample_untrained(pruned, init_seed=7, inits=50, **kw)[0].shape == (6, 1, 8, 8)
 
 
 def test_load_plain_diffusers_folder(tmp_path):

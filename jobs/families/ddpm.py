@@ -61,13 +61,13 @@ def sparsify(run: ValuationRun, images: torch.Tensor, full: torch.nn.Module | No
 def unet_coalition(run: ValuationRun, sparsified: Checkpoint, images: torch.Tensor, mask: np.ndarray, seeds: Seeds,
                    clip_sample: bool = True) -> tuple[torch.Tensor, dict[str, float]]:
     """A coalition of a UNet family (shared by ddpm and ldm): fine-tune on ``images[mask]`` and sample, or for
-    ∅ sample an untrained initialisation of the full architecture. The initialisation is drawn from the noise
-    seed, so replicate seeds of ∅ measure its spread as well as the sampling noise."""
+    ∅ sample untrained initialisations of the full architecture (``method.nullInits`` of them). They are drawn
+    from the noise seed, so replicate seeds of ∅ measure their spread as well as the sampling noise."""
     s = run.spec
     if not mask.any():
         return sample_untrained(sparsified.model, init_seed=derived_seed(seeds.noise, "null-init"),
                                 n_samples=s.property.samples, ddim_steps=s.method.sampler.steps, seed=seeds.noise,
-                                clip_sample=clip_sample)
+                                inits=s.method.null_inits, clip_sample=clip_sample)
     ft = s.method.finetune
     samples, seconds, _ = finetune_and_sample(
         sparsified, images[torch.from_numpy(mask)], steps=ft.steps, lr=ft.learning_rate, batch_size=ft.batch_size,
