@@ -7,7 +7,9 @@ are of a given model. Side by side, per mode, it measures:
 
 * ``plantedLast``: the fraction of seeds in which every planted contributor is below every clean one (target 1);
 * ``coverage``: over (contributor, seed), how often the reported 95% interval holds the mean value of the other
-  seeds (target >= 0.9);
+  seeds (target >= 0.9). That mean is itself noisy: with k seeds, a value minus the mean of the k - 1 others has
+  sqrt(1 + 1/(k - 1)) times the standard deviation of the value alone, so the interval is widened by that factor
+  (a correct interval then covers 95% for any k); ``coverageRaw`` is the same without the factor;
 * ``halfwidthOverGap``: the median 95% half-width over the gap between the mean clean and the mean planted value
   (target <= 0.25);
 * ``seedSpread``: each contributor's standard deviation of its value over seeds, and the ratio of the two modes.
@@ -77,7 +79,8 @@ def metrics(docs: list[dict[str, Any]], planted: set[str]) -> dict[str, Any]:
     bad = np.array([n in planted for n in names])
     k = len(docs)
     others = (values.sum(axis=0, keepdims=True) - values) / (k - 1)
-    covered = np.abs(values - others) <= half
+    deviation = np.abs(values - others)
+    covered = deviation <= half * np.sqrt(1 + 1 / (k - 1))
     gap = float(values[:, ~bad].mean() - values[:, bad].mean())
     last = [bool(v[bad].max() < v[~bad].min()) for v in values]
     crossing = int(((values[:, bad] - half[:, bad] < 0) & (values[:, bad] + half[:, bad] > 0)).sum())
@@ -86,6 +89,7 @@ def metrics(docs: list[dict[str, Any]], planted: set[str]) -> dict[str, Any]:
         "plantedLast": float(np.mean(last)),
         "plantedLastPerSeed": last,
         "coverage": float(covered.mean()),
+        "coverageRaw": float((deviation <= half).mean()),
         "coveragePerContributor": {n: float(c) for n, c in zip(names, covered.mean(axis=0), strict=True)},
         "medianHalfwidth": float(np.median(half)),
         "gapCleanMinusPlanted": gap,
@@ -131,11 +135,12 @@ def main(argv: list[str] | None = None) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=1))
     table = Table(title=f"trust: the {report['demo']} demo over {len(seeds)} run seeds")
-    for col in ("mode", "planted last", "coverage", "median ±95%", "clean−planted gap", "±/gap"):
+    for col in ("mode", "planted last", "coverage", "coverage (raw)", "median ±95%", "clean−planted gap", "±/gap"):
         table.add_column(col, justify="right")
     for mode, m in modes.items():
         ratio = m["halfwidthOverGap"]
-        table.add_row(mode, f"{m['plantedLast']:.2f}", f"{m['coverage']:.3f}", f"{m['medianHalfwidth']:.2f}",
+        table.add_row(mode, f"{m['plantedLast']:.2f}", f"{m['coverage']:.3f}", f"{m['coverageRaw']:.3f}",
+                      f"{m['medianHalfwidth']:.2f}",
                       f"{m['gapCleanMinusPlanted']:.2f}", "n/a" if ratio is None else f"{ratio:.3f}")
     console.print(table)
     ratios = [r for r in report["seedSpreadRatio"].values() if r is not None]
