@@ -75,16 +75,20 @@ def test_null_game_is_the_untrained_model_and_crn_can_be_off(tiny_data: TinyData
     assert len({r["seeds"]["noise"] for r in results.values()}) == 16  # independent noise per coalition
     assert doc["seedNoise"] is None and not any(r["replicates"] for r in results.values())
     assert results[()]["seconds"]["finetune"] == 0.0
-    # v(∅) is the property of the untrained initialisation of the full architecture, sampled with ∅'s noise seed
-    from datacredit.jobs.sample import sample_ddim
+    # v(∅) is the property of untrained initialisations of the full architecture (method.nullInits of them, drawn
+    # from ∅'s noise seed), sampled with ∅'s noise seed
+    from datacredit.jobs.pipeline import sample_untrained
     from datacredit.jobs.unet import untrained_like
     from datacredit.jobs.worker import prepared_run
     from datacredit.seeds import derived_seed
 
     p = prepared_run(open_run(run).uri, open_run(run).options)
     sparsified, _ = p.state
-    null = untrained_like(sparsified.model, derived_seed(results[()]["seeds"]["noise"], "null-init"))
+    noise = results[()]["seeds"]["noise"]
+    null = untrained_like(sparsified.model, derived_seed(noise, "null-init"))
     assert sum(x.numel() for x in null.parameters()) > sum(x.numel() for x in sparsified.model.parameters())
-    samples = sample_ddim(null, run.spec.property.samples, run.spec.method.sampler.steps,
-                          seed=results[()]["seeds"]["noise"])
+    assert run.spec.method.null_inits > 1
+    samples, _ = sample_untrained(sparsified.model, init_seed=derived_seed(noise, "null-init"),
+                                  n_samples=run.spec.property.samples, ddim_steps=run.spec.method.sampler.steps,
+                                  seed=noise, inits=run.spec.method.null_inits)
     assert doc["vEmpty"] == results[()]["utility"] == pytest.approx(float(p.prop.score(samples)))
