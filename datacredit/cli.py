@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from .spec import SpecError, ValuationRun, load_manifest
 
@@ -32,7 +33,7 @@ def _load(path: Path) -> ValuationRun:
     try:
         return load_manifest(path)
     except SpecError as e:
-        err.print(f"[red]invalid manifest[/] {e}")
+        err.print(f"[red]invalid manifest[/] {escape(str(e))}")
         raise typer.Exit(EXIT_BAD_INPUT) from None
 
 
@@ -47,7 +48,7 @@ def validate(manifests: Annotated[list[Path], typer.Argument(help="ValuationRun 
                       f"{run.spec.estimator.name} budget {run.spec.estimator.budget})")
         except SpecError as e:
             bad += 1
-            err.print(f"[red]invalid[/] {e}")
+            err.print(f"[red]invalid[/] {escape(str(e))}")
     if bad:
         raise typer.Exit(EXIT_BAD_INPUT)
 
@@ -72,16 +73,16 @@ def run(
     try:
         outcome = execute(vr, workers=workers)
     except (DatasetError, SpecError) as e:
-        err.print(f"[red]bad input:[/] {e}")
+        err.print(f"[red]bad input:[/] {escape(str(e))}")
         raise typer.Exit(EXIT_BAD_INPUT) from None
     except (RunFailed, StorageError) as e:
-        err.print(f"[red]run failed:[/] {e}")
+        err.print(f"[red]run failed:[/] {escape(str(e))}")
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
     out.print(results_table(outcome.results))
     for warning in outcome.results.get("warnings", []):
-        err.print(f"[yellow]warning:[/] {warning}")
+        err.print(f"[yellow]warning:[/] {escape(str(warning))}")
     out.print(f"results: {outcome.run.uri}/results/ (shapley.json, shapley.csv, values.png)")
 
 
@@ -98,7 +99,8 @@ def report(
     try:
         doc = load_results(store)
     except FileNotFoundError:
-        err.print(f"[red]no results yet[/] in {store.uri}: is the run finished? (`datacredit run` resumes it)")
+        err.print(f"[red]no results yet[/] in {escape(str(store.uri))}: is the run finished? "
+                  "(`datacredit run` resumes it)")
         raise typer.Exit(1) from None
     out.print(results_table(doc))
 
@@ -115,14 +117,14 @@ def estimate(
     from .shapley import estimate_from_table, read_jsonl
 
     if not table.is_file():
-        err.print(f"[red]no such file[/] {table}")
+        err.print(f"[red]no such file[/] {escape(str(table))}")
         raise typer.Exit(EXIT_BAD_INPUT)
     rows = read_jsonl(table)
     n = players or 1 + max((max(r.members) for r in rows if len(r.members)), default=-1)
     try:
         est = estimate_from_table(rows, n_players=n, method=method)
     except (ValueError, KeyError) as e:
-        err.print(f"[red]cannot estimate[/] {method} from {table}: {e}")
+        err.print(f"[red]cannot estimate[/] {escape(str(method))} from {escape(str(table))}: {escape(str(e))}")
         raise typer.Exit(EXIT_BAD_INPUT) from None
     t = Table(title=f"{method} from {len(rows)} coalitions")
     t.add_column("player", justify="right")
@@ -180,7 +182,8 @@ def evaluate(
     try:
         alpha_list = tuple(float(a) for a in alphas.split(",") if a.strip())
     except ValueError:
-        err.print(f"[red]bad --alphas {alphas!r}[/]: expected comma-separated fractions such as 0.25,0.5,0.75")
+        err.print(f"[red]bad --alphas {escape(repr(alphas))}[/]: expected comma-separated fractions "
+                  "such as 0.25,0.5,0.75")
         raise typer.Exit(EXIT_BAD_INPUT) from None
     ref = open_run(_load(Path(target))) if Path(target).is_file() else None
     settings = EvalSettings(alphas=alpha_list, subsets=subsets, seeds=seeds, fraction=fraction,
@@ -188,7 +191,7 @@ def evaluate(
     try:
         report = run_evaluation(ref.uri if ref else target, settings, options=ref.options if ref else None)
     except (EvaluationError, DatasetError, SpecError, ValueError) as e:
-        err.print(f"[red]cannot evaluate:[/] {e}")
+        err.print(f"[red]cannot evaluate:[/] {escape(str(e))}")
         raise typer.Exit(EXIT_BAD_INPUT) from None
     for table in report_tables(report):
         out.print(table)
@@ -222,7 +225,7 @@ def calibrate(
     of its own setting. Runs prepare first when it has not run yet. Only the `ddpm` family.
     """
     if "://" not in target and not Path(target).exists():
-        err.print(f"[red]no such manifest or run folder:[/] {target}")
+        err.print(f"[red]no such manifest or run folder:[/] {escape(str(target))}")
         raise typer.Exit(EXIT_BAD_INPUT)
     from . import layout
     from .dataset import DatasetError
@@ -237,7 +240,8 @@ def calibrate(
     if Path(target).is_file():
         vr = _load(Path(target))
         if vr.spec.model.family not in SUPPORTED_FAMILIES:
-            err.print(f"[red]cannot calibrate:[/] spec.model.family {vr.spec.model.family!r} is not supported yet "
+            family = escape(repr(vr.spec.model.family))
+            err.print(f"[red]cannot calibrate:[/] spec.model.family {family} is not supported yet "
                       f"(supported: {', '.join(SUPPORTED_FAMILIES)})")
             raise typer.Exit(EXIT_BAD_INPUT)
         ref = open_run(vr)
@@ -251,16 +255,16 @@ def calibrate(
             try:
                 run_prepare(ref.uri, options=ref.options, progress=True)
             except (DatasetError, SpecError) as e:
-                err.print(f"[red]bad input:[/] {e}")
+                err.print(f"[red]bad input:[/] {escape(str(e))}")
                 raise typer.Exit(EXIT_BAD_INPUT) from None
     settings = CalibrationSettings(coalitions=coalitions, steps=steps, ratios=ratios, seeds=seeds)
     try:
         report = run_calibration(uri, settings, options=options)
     except (EvaluationError, DatasetError, SpecError, ValueError) as e:  # CalibrationError is a ValueError
-        err.print(f"[red]cannot calibrate:[/] {e}")
+        err.print(f"[red]cannot calibrate:[/] {escape(str(e))}")
         raise typer.Exit(EXIT_BAD_INPUT) from None
     except StorageError as e:
-        err.print(f"[red]calibration failed:[/] {e}")
+        err.print(f"[red]calibration failed:[/] {escape(str(e))}")
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
         err.print("\n[yellow]interrupted[/]: finished retrains and sweep utilities are stored; rerun to resume")
@@ -290,7 +294,7 @@ def worker_prepare(
     try:
         run_prepare(run_uri, options=S3Options(endpoint=endpoint, region=region), progress=sys.stderr.isatty())
     except (DatasetError, SpecError) as e:
-        err.print(f"[red]bad input:[/] {e}")
+        err.print(f"[red]bad input:[/] {escape(str(e))}")
         raise typer.Exit(EXIT_BAD_INPUT) from None
 
 
@@ -310,12 +314,12 @@ def worker_coalition(
     try:
         idx = [int(x) for x in members.split(",") if x.strip()]
     except ValueError:
-        err.print(f"[red]bad --members {members!r}[/]: expected comma-separated integers")
+        err.print(f"[red]bad --members {escape(repr(members))}[/]: expected comma-separated integers")
         raise typer.Exit(EXIT_BAD_INPUT) from None
     try:
         res = run_coalition(run_uri, idx, attempt=attempt, options=S3Options(endpoint=endpoint, region=region))
     except (DatasetError, SpecError) as e:
-        err.print(f"[red]bad input:[/] {e}")
+        err.print(f"[red]bad input:[/] {escape(str(e))}")
         raise typer.Exit(EXIT_BAD_INPUT) from None
     out.print(f"coalition {res['id']}: utility {res['utility']:.5f}")
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from .layout import S3_URI_PATTERN
 from .spec import API_VERSION, DNS1123, KIND, ValuationRunSpec
 
 GROUP, VERSION = API_VERSION.split("/")
@@ -67,8 +68,9 @@ SPEC_RULES: dict[str, list[dict[str, str]]] = {
     ],
     "storage": [
         {
-            "rule": "self.uri.startsWith('s3://') && size(self.uri) > 5",
-            "message": "the operator needs an s3://bucket/prefix URI (local paths are for `datacredit run`)",
+            "rule": f"self.uri.matches('{S3_URI_PATTERN}')",
+            "message": "the operator needs an s3://bucket/prefix URI with a valid bucket name and no '?' or '#' "
+            "(local paths are for `datacredit run`)",
             "fieldPath": ".uri",
         }
     ],

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import re
+
 from .ids import run_dir_name
+
+# s3://<bucket>[/<prefix>] with an S3 bucket name; no '?' or '#' anywhere (urlparse would cut the run's suffix
+# off as a query or fragment). The CRD checks the same expression (RE2 syntax).
+S3_URI_PATTERN = r"^s3://[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?(/[^?#]*)?$"
 
 RUN = "run.json"  # spec snapshot written when the run starts
 MANIFEST = "manifest.json"  # written by prepare: contributor table, skipped images, planner seed
@@ -34,6 +40,34 @@ def run_prefix(namespace: str, name: str, uid: str) -> str:
     return f"{namespace}/{run_dir_name(name, uid)}"
 
 
+def check_uri(uri: str) -> str:
+    """``uri`` if it is a usable storage URI (local path, file://<path> or s3://<bucket>[/<prefix>]), else
+    ValueError saying what is wrong."""
+    if "?" in uri or "#" in uri:
+        raise ValueError(f"{uri!r}: '?' and '#' are not allowed in a storage URI")
+    if uri.startswith("s3://"):
+        if not re.match(S3_URI_PATTERN, uri):
+            raise ValueError(f"{uri!r}: expected s3://<bucket>[/<prefix>] with a bucket name "
+                             "(up to 63 of a-z, 0-9, '.', '-')")
+    elif uri.startswith("file://"):
+        if not uri.removeprefix("file://").strip("/"):
+            raise ValueError(f"{uri!r}: file:// needs a path")
+    elif "://" in uri:
+        raise ValueError(f"unsupported scheme in {uri!r}: use a local path, file:// or s3://")
+    return uri
+
+
 def join_uri(base: str, *parts: str) -> str:
-    """Join a storage URI (path, file:// or s3://) with relative parts."""
-    return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts if p)])
+    """Join a storage URI (path, file:// or s3://) with relative parts, segment by segment: the scheme and
+    bucket of ``base`` are kept, and a part may not hold an empty, '.' or '..' segment, '?' or '#'."""
+    check_uri(base)
+    scheme, sep, rest = base.partition("://") if "://" in base else ("", "", base)
+    segments = []
+    for part in parts:
+        for segment in part.strip("/").split("/") if part else []:
+            if segment in ("", ".", "..") or "?" in segment or "#" in segment:
+                raise ValueError(f"bad storage key segment {segment!r} in {part!r}")
+            segments.append(segment)
+    if not segments:
+        return base
+    return f"{scheme}{sep}" + "/".join([rest.rstrip("/"), *segments])  # base "/" gives "/<segments>"

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from . import layout
@@ -63,7 +64,7 @@ def execute(run: ValuationRun, *, workers: int | None = None, console: Console |
     existing = store.exists(layout.RUN)
     if not existing:
         write_json(store, layout.RUN, {"manifest": run.to_manifest(), "configHash": run.config_hash()})
-    console.print(f"[bold]run[/] {ref.uri} ({'resuming' if existing else 'new'})")
+    console.print(f"[bold]run[/] {escape(ref.uri)} ({'resuming' if existing else 'new'})")
 
     if not store.exists(layout.PREPARE_RESULT):
         from .jobs.worker import run_prepare
@@ -71,7 +72,7 @@ def execute(run: ValuationRun, *, workers: int | None = None, console: Console |
         console.print("[bold]prepare[/]: load data, train or load the model, prune, fine-tune on all data")
         run_prepare(ref.uri, options=ref.options, progress=True)
     prep = read_json(store, layout.PREPARE_RESULT)
-    console.print(f"prepare done: {prep.get('summary', '')}")
+    console.print(f"prepare done: {escape(str(prep.get('summary', '')))}")
 
     manifest = read_manifest(store)
     names = [c["name"] for c in manifest["contributors"]]
@@ -122,7 +123,7 @@ def execute(run: ValuationRun, *, workers: int | None = None, console: Console |
                     try:
                         res = fut.result()
                     except Exception as e:  # noqa: BLE001 - a failed attempt is reported and retried
-                        console.print(f"[yellow]coalition {cid} attempt {attempts[cid]} failed:[/] {e}")
+                        console.print(f"[yellow]coalition {cid} attempt {attempts[cid]} failed:[/] {escape(str(e))}")
                         if attempts[cid] < max_attempts:
                             submit(coal, cid)
                             continue

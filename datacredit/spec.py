@@ -11,6 +11,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
+from .layout import check_uri
+
 API_VERSION = "datacredit.dev/v1alpha1"
 KIND = "ValuationRun"
 DNS1123 = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
@@ -283,7 +285,9 @@ class ExecutionSpec(_Model):
 class StorageSpec(_Model):
     """Run storage: the single source of truth."""
 
-    uri: Annotated[str, Field(min_length=1, description="Local path, file:// or s3://bucket/prefix.")] = "./runs"
+    uri: Annotated[
+        str, Field(min_length=1, max_length=1024, description="Local path, file:// or s3://bucket/prefix.")
+    ] = "./runs"
     endpoint: Annotated[str, Field(description="S3 endpoint URL for MinIO/Ceph; empty for AWS.")] = ""
     region: str = ""
     path_style: Annotated[bool, Field(description="Path-style S3 addressing (MinIO needs it).")] = True
@@ -294,9 +298,7 @@ class StorageSpec(_Model):
     @field_validator("uri")
     @classmethod
     def _scheme(cls, v: str) -> str:
-        if "://" in v and not v.startswith(("s3://", "file://")):
-            raise ValueError(f"unsupported scheme in {v!r}: use a local path, file:// or s3://")
-        return v
+        return check_uri(v)
 
 
 class ValuationRunSpec(_Model):

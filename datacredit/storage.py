@@ -125,8 +125,8 @@ class S3Storage:
 
     def __init__(self, uri: str, options: S3Options | None = None, client: Any = None):
         u = urlparse(uri)
-        if u.scheme != "s3" or not u.netloc:
-            raise StorageError(f"{uri!r} is not an s3://bucket/prefix URI")
+        if u.scheme != "s3" or not u.netloc or u.query or u.fragment or "?" in uri or "#" in uri:
+            raise StorageError(f"{uri!r} is not an s3://bucket/prefix URI (no '?' or '#')")
         self.bucket = u.netloc
         self.prefix = u.path.strip("/")
         self.options = options or S3Options()

@@ -36,6 +36,22 @@ def test_validate_reports_fields_and_exit_code(tmp_path: Path) -> None:
     assert runner.invoke(app, ["run", str(bad)]).exit_code == 3
 
 
+@pytest.mark.parametrize("uri", ["s3://", "s3://bucket/runs?v=1", "s3://bucket/runs#top"])
+def test_storage_uris_that_lose_the_run_prefix_are_refused_before_anything_is_written(
+    tmp_path: Path, uri: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({
+        "apiVersion": "datacredit.dev/v1alpha1", "kind": "ValuationRun", "metadata": {"name": "x"},
+        "spec": {"dataset": {"images": "./d"}, "storage": {"uri": uri}},
+    }))
+    for command in ("validate", "run"):
+        res = runner.invoke(app, [command, str(bad)])
+        assert res.exit_code == 3 and "spec.storage.uri" in res.output, res.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml"]  # no ./s3: folder
+
+
 @pytest.mark.parametrize("example", sorted(p.name for p in EXAMPLES.glob("*.yaml")))
 def test_every_example_manifest_validates(example: str) -> None:
     res = runner.invoke(app, ["validate", str(EXAMPLES / example)])

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from datacredit.ids import coalition_id, contributor_id
+from datacredit.layout import join_uri
 from datacredit.storage import LocalStorage, StorageError, open_storage, read_json, write_json
 
 
@@ -49,3 +50,23 @@ def test_contributor_ids_do_not_collide() -> None:
 def test_coalition_id_is_order_free_and_config_bound() -> None:
     assert coalition_id(["x", "y"], "h") == coalition_id(["y", "x"], "h") != coalition_id(["x", "y"], "h2")
     assert coalition_id([], "h") != coalition_id(["x"], "h")
+
+
+@pytest.mark.parametrize(("base", "joined"), [
+    ("./runs", "./runs/ns/run-1/results"),
+    ("/", "/ns/run-1/results"),
+    ("s3://bkt", "s3://bkt/ns/run-1/results"),
+    ("s3://bkt/p/q/", "s3://bkt/p/q/ns/run-1/results"),
+    ("file:///tmp/r", "file:///tmp/r/ns/run-1/results"),
+])
+def test_uris_are_joined_by_segments_keeping_scheme_and_bucket(base: str, joined: str) -> None:
+    assert join_uri(base, "ns/run-1", "results") == joined
+
+
+@pytest.mark.parametrize(("base", "part"), [
+    ("s3://", "ns/run"), ("s3://b/p?x", "ns/run"), ("s3://b/p#x", "ns/run"), ("s3://b/p", "ns/../run"),
+    ("s3://b/p", "ns//run"), ("s3://b/p", "run?x"),
+])
+def test_uris_that_would_lose_or_escape_the_run_prefix_are_refused(base: str, part: str) -> None:
+    with pytest.raises(ValueError):
+        join_uri(base, part)
