@@ -30,7 +30,7 @@ install: $(VENV)/.installed ## create the cached virtualenv and install datacred
 binaries: ## build etcd, kube-apiserver, kube-controller-manager, MinIO, helm, prometheus (cached)
 	bash hack/build-binaries.sh
 
-demo: install ## value 10 digit contributors (3 planted bad) on CPU, a few minutes
+demo: install ## value 6 digit contributors (3 planted bad) exactly on CPU, about 8 minutes
 	$(VENV)/bin/datacredit demo
 
 demo-quick: install ## the same at toy size, about a minute
@@ -72,7 +72,7 @@ bench-paper: install ## paper Table 1/2 at CPU scale (retrains; ~40 min): benchm
 bench-paper-quick: install ## the paper-table benchmark at toy size (CI; results stay in a temp folder)
 	$(PY) benchmarks/paper_table.py --tiny
 
-bench-trust: install ## the demo over 5 run seeds, CRN on and off (~40 min): benchmarks/results/trust.json
+bench-trust: install ## the demo over 5 run seeds, CRN on and off (~60 min on 2 cores): benchmarks/results/trust.json
 	$(PY) benchmarks/trust.py
 
 bench-trust-quick: install ## the same on the quick demo, 3 seeds (CI; results stay in a temp folder)
