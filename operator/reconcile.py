@@ -239,6 +239,7 @@ def decide(
             continue
         step, attempt = _next_step(per.get(cid), ex.max_attempts_per_coalition)
         if step == "failed":
+            planner.skip(coal)  # as the local runner does: checkpoints and stopping rules stop waiting for it
             plan.failed_for_good.append(cid)
             plan.failure_messages[cid] = _describe(cid, per.get(cid), ", ".join(names[i] for i in members))
             continue

@@ -25,6 +25,7 @@ class ScriptedPlanner:
         self.sequence = SEQUENCE
         self.pos = 0
         self.told: list[tuple[np.ndarray, float]] = []
+        self.skipped: list[np.ndarray] = []
 
     def ask(self, k: int) -> list[np.ndarray]:
         out = self.sequence[self.pos : self.pos + k]
@@ -33,6 +34,9 @@ class ScriptedPlanner:
 
     def tell(self, coalition: np.ndarray, utility: float, replicates: Any = ()) -> None:
         self.told.append((coalition, utility))
+
+    def skip(self, coalition: np.ndarray) -> None:
+        self.skipped.append(coalition)
 
     def estimate(self) -> Any:
         if len(self.told) < 2:
@@ -241,3 +245,58 @@ def test_jobs_of_coalitions_with_results_do_not_hold_the_run() -> None:
     jobs = [job(cid(6), 1, "Running"), job(cid(7), 1, "Queued")]
     plan, _ = decide(RUN, jobs, prepared(range(8)), ScriptedPlanner)
     assert plan.phase == "Succeeded" and plan.delete == []
+
+
+def test_a_coalition_failed_for_good_is_skipped_as_the_local_runner_does() -> None:
+    """With a stopping rule, a coalition that failed for good must not hold (or end) the run: the operator skips
+    it in the planner, and its walk gives the local runner's estimate, stop reason and number of evaluations."""
+    from datacredit.runstate import planner_for
+
+    n = 6
+    contributors = [{"name": f"p{i}", "id": f"p{i}-0000", "images": 1} for i in range(n)]
+    run = parse_manifest({
+        "apiVersion": "datacredit.dev/v1alpha1", "kind": "ValuationRun", "metadata": {"name": "skip"},
+        "spec": {"dataset": {"images": "s3://b/d"},
+                 "estimator": {"name": "kernel", "budget": 48, "seed": 1, "tolerance": 0.05},
+                 "execution": {"parallelism": 2, "maxAttemptsPerCoalition": 1, "maxFailedCoalitions": 2},
+                 "storage": {"uri": "s3://b/runs"}},
+    })
+    rng = np.random.default_rng(0)
+    noise = {}
+
+    def utility(members: tuple[int, ...]) -> float:
+        noise.setdefault(members, float(rng.normal(0, 0.05)))
+        return float(np.linspace(-0.5, 1, n)[list(members)].sum()) + noise[members]
+
+    store = StoreView(True, contributors, {}, {})
+    running: list[JobView] = []
+    doomed: tuple[int, ...] | None = None
+    for _ in range(400):
+        plan, planner = decide(run, running, store, lambda k: planner_for(run, k))
+        if plan.done:
+            break
+        for r in plan.create:
+            running.append(JobView(r.cid, "coalition", r.cid, r.attempt, "Running",
+                                   members=",".join(map(str, r.members))))
+        if running:
+            done = running.pop(0)
+            members = tuple(int(m) for m in done.members.split(",") if m)
+            if doomed is None and len(members) not in (0, n):  # the first proper coalition fails for good
+                doomed = members
+            if members == doomed:
+                store.failures[done.key] = {1: "PodFailed"}
+            else:
+                store.utilities[done.key] = utility(members)
+    assert plan.done and planner is not None and plan.counts.failed == 1 and doomed is not None
+
+    reference = planner_for(run, n)  # the local runner's walk: tell in order, skip the failed coalition
+    while len(batch := reference.ask(1)):
+        members = tuple(int(i) for i in np.flatnonzero(batch[0]))
+        if members == doomed:
+            reference.skip(batch[0])
+        else:
+            reference.tell(batch[0], utility(members))
+    ours, theirs = planner.estimate(), reference.estimate()
+    assert ours.stop_reason == theirs.stop_reason != "running"
+    assert ours.n_evaluations == theirs.n_evaluations and plan.counts.succeeded == len(store.utilities)
+    np.testing.assert_allclose(ours.values, theirs.values, atol=1e-12)
