@@ -16,6 +16,10 @@ class StorageError(RuntimeError):
     """A storage operation failed; the message names the URI and what to check."""
 
 
+class InvalidKeyError(StorageError):
+    """A key that no storage may hold (absolute, empty or '..' segments): a property of the key, not an outage."""
+
+
 class Storage(Protocol):
     """A key-value view of a folder or an S3 prefix. Keys are '/'-separated and relative."""
 
@@ -31,7 +35,7 @@ class Storage(Protocol):
 def _check_key(key: str) -> str:
     parts = key.split("/")
     if key.startswith("/") or any(p in ("..", "") for p in parts):
-        raise StorageError(f"invalid storage key {key!r}")
+        raise InvalidKeyError(f"invalid storage key {key!r}")
     return key
 
 

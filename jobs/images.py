@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import io
 import math
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 _MODES = {1: "L", 3: "RGB"}
 
@@ -20,19 +21,31 @@ def _mode(channels: int) -> str:
     return _MODES[channels]
 
 
-def decode_check(blob: bytes) -> str | None:
-    """Return an error message when ``blob`` is not a decodable image, else ``None``."""
+MAX_PIXELS = 4096 * 4096  # a training image larger than this is refused before it is decoded
+_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
+
+
+def decode_check(blob: bytes, name: str = "", max_pixels: int = MAX_PIXELS) -> str | None:
+    """Return why ``blob`` cannot be used as an image, else ``None``: empty, not decodable (any decoder error),
+    not the format its ``name``'s suffix says (a GIF named .png), or more than ``max_pixels`` pixels."""
     if not blob:
         return "empty file"
-    try:
-        with Image.open(io.BytesIO(blob)) as im:
-            im.verify()
-        with Image.open(io.BytesIO(blob)) as im:
-            im.load()
-            if im.width < 1 or im.height < 1:
-                return f"image has no pixels ({im.width}x{im.height})"
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        return f"{type(e).__name__}: {e}"
+    suffix = Path(name).suffix.lower()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the pixel cap below decides
+        try:
+            with Image.open(io.BytesIO(blob)) as im:
+                if suffix in _FORMATS and im.format != _FORMATS[suffix]:
+                    return f"{im.format or 'unknown'} data in a {suffix} file (read as PNG or JPEG only)"
+                if im.width < 1 or im.height < 1:
+                    return f"image has no pixels ({im.width}x{im.height})"
+                if im.width * im.height > max_pixels:
+                    return f"too large: {im.width}x{im.height} pixels, more than {max_pixels:,}; downscale it"
+                im.verify()
+            with Image.open(io.BytesIO(blob)) as im:
+                im.load()
+        except Exception as e:  # noqa: BLE001 - decoders raise anything on hostile bytes; the file is skipped
+            return f"{type(e).__name__}: {e}"
     return None
 
 

@@ -26,7 +26,16 @@ from datacredit.ids import coalition_id, contributor_id
 from datacredit.runstate import member_indices, planner_for
 from datacredit.seeds import coalition_seeds
 from datacredit.spec import SpecError, ValuationRun, parse_manifest
-from datacredit.storage import S3Options, Storage, download_dir, open_storage, read_json, upload_dir, write_json
+from datacredit.storage import (
+    InvalidKeyError,
+    S3Options,
+    Storage,
+    download_dir,
+    open_storage,
+    read_json,
+    upload_dir,
+    write_json,
+)
 
 from .device import set_threads
 from .families import Assets, TrainData, get_family
@@ -128,12 +137,11 @@ def _load_dataset(run: ValuationRun, options: S3Options, size: int
     for idx, (name, keys) in enumerate(found.contributors.items()):
         kept = 0
         for key in keys:
-            blob = source.read_bytes(key)
-            problem = decode_check(blob)
+            image, problem = _read_image(source, key, size, channels)
             if problem:
                 skipped.append({"path": key, "contributor": name, "reason": problem})
                 continue
-            images.append(_u8(decode_image(blob, size, channels)))
+            images.append(image)
             owner.append(idx)
             txt = key.rsplit(".", 1)[0] + ".txt"
             captions.append(source.read_bytes(txt).decode().strip() if txt in sidecars else run.spec.model.prompt)
@@ -148,6 +156,22 @@ def _load_dataset(run: ValuationRun, options: S3Options, size: int
         table["captioned"] = sum(1 for k in found.contributors.values() for key in k
                                  if key.rsplit(".", 1)[0] + ".txt" in sidecars)
     return np.stack(images), np.asarray(owner, dtype=np.int32), captions, table
+
+
+def _read_image(source: Storage, key: str, size: int, channels: int) -> tuple[np.ndarray | None, str | None]:
+    """One training image as uint8 at ``size``, or why it is skipped: an odd key or a file that does not decode
+    never fails the whole prepare (a storage outage still does, so it is retried)."""
+    try:
+        blob = source.read_bytes(key)
+    except InvalidKeyError as e:
+        return None, str(e)
+    problem = decode_check(blob, key)
+    if problem:
+        return None, problem
+    try:
+        return _u8(decode_image(blob, size, channels)), None
+    except Exception as e:  # noqa: BLE001 - a decoder failing after the check still only skips this file
+        return None, f"{type(e).__name__}: {e}"
 
 
 def _u8(image: np.ndarray) -> np.ndarray:
@@ -176,9 +200,9 @@ def _reference(run: ValuationRun, options: S3Options, size: int, data: TrainData
     channels = run.spec.dataset.channels
     imgs, labels = [], []
     for k in keys:
-        blob = store.read_bytes(k)
-        if decode_check(blob) is None:
-            imgs.append(_u8(decode_image(blob, size, channels)))
+        image, problem = _read_image(store, k, size, channels)
+        if problem is None:
+            imgs.append(image)
             labels.append(classes.index(k.split("/", 1)[0]) if labelled else -1)
     if not imgs:
         raise DatasetError(f"spec.property.reference: no readable images under {uri}")

@@ -142,3 +142,45 @@ def test_pipeline_prepare_and_coalition(demo, fitted):
     assert all(torch.equal(x, y) for x, y in zip(before, prep.sparsified.model.parameters(), strict=True))
     empty = coalition_utility(prep.sparsified, images[:0], props["quality"], **kw)
     assert empty.checkpoint.ema.step == 2 and set(empty.seconds) == {"finetune", "sample", "property"}
+
+
+def _encoded(fmt: str, size: tuple[int, int] = (8, 8), mode: str = "L") -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, size, 7).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def test_decode_check_refuses_hostile_files():
+    png = _encoded("PNG")
+    assert decode_check(png, "a/x.png") is None and decode_check(_encoded("JPEG"), "a/x.JPG") is None
+    assert decode_check(png[:8], "a/x.png")  # the PNG signature and nothing else
+    assert decode_check(png[:33], "a/x.png")  # signature and header chunk, no data
+    assert "GIF data in a .png file" in decode_check(_encoded("GIF"), "a/x.png")
+    assert "TIFF data in a .png file" in decode_check(_encoded("TIFF"), "a/x.png")
+    assert "JPEG data in a .png file" in decode_check(_encoded("JPEG"), "a/x.png")
+    huge = _encoded("PNG", (13000, 13000), "1")  # 169M pixels in a few kB: refused before decoding
+    assert len(huge) < 100_000 and "too large: 13000x13000" in decode_check(huge, "a/huge.png")
+
+
+def test_prepare_skips_hostile_files_and_keeps_the_rest(tmp_path):
+    from datacredit.jobs.worker import _load_dataset, _read_image
+    from datacredit.spec import parse_manifest
+    from datacredit.storage import LocalStorage, S3Options
+    from tests.tiny import tiny_manifest
+
+    images = tmp_path / "images"
+    for who in ("ann", "bob"):
+        (images / who).mkdir(parents=True)
+        for i in range(3):
+            (images / who / f"{i}.png").write_bytes(_png("L", (10, 10)))
+    hostile = {"header.png": _png()[:8], "gif.png": _encoded("GIF"), "huge.png": _encoded("PNG", (13000, 13000), "1")}
+    for name, blob in hostile.items():
+        (images / "ann" / name).write_bytes(blob)
+    run = parse_manifest(tiny_manifest("hostile", str(images), "", {"uri": str(tmp_path / "runs")}))
+    data, owner, _, table = _load_dataset(run, S3Options(), 8)
+    assert data.shape == (6, 1, 8, 8) and owner.tolist() == [0, 0, 0, 1, 1, 1]
+    assert sorted(s["path"] for s in table["skipped"]) == sorted(f"ann/{n}" for n in hostile)
+    assert [c["images"] for c in table["contributors"]] == [3, 3]
+    # a key no storage may hold is one skipped file, not a failed prepare
+    image, problem = _read_image(LocalStorage(str(images)), "ann/../../x.png", 8, 1)
+    assert image is None and "invalid storage key" in problem
