@@ -378,13 +378,30 @@ def parse_manifest(data: Any, source: str = "manifest") -> ValuationRun:
         raise SpecError(source, problems) from None
 
 
+MAX_MANIFEST_BYTES = 1 << 20  # the API server's own limit on an object is about 1.5 MB
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """SafeLoader that refuses aliases: a few lines of `*ref` can expand to gigabytes ("billion laughs")."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark
+            raise yaml.composer.ComposerError(None, None, "YAML aliases (*name) are not allowed in a manifest", mark)
+        return super().compose_node(parent, index)
+
+
 def load_manifest(path: str | Path) -> ValuationRun:
-    """Read and validate a YAML manifest file (exactly one ValuationRun document)."""
+    """Read and validate a YAML manifest file (exactly one ValuationRun document, at most 1 MiB, no aliases)."""
     p = Path(path)
     if not p.is_file():
         raise SpecError(str(p), [("(file)", "no such file")])
+    if (size := p.stat().st_size) > MAX_MANIFEST_BYTES:
+        raise SpecError(str(p), [("(file)", f"{size:,} bytes, more than {MAX_MANIFEST_BYTES:,}: not a manifest?")])
     try:
-        docs = [d for d in yaml.safe_load_all(p.read_text()) if d is not None]
+        docs = [d for d in yaml.load_all(p.read_text(encoding="utf-8"), Loader=_NoAliasLoader) if d is not None]
+    except UnicodeDecodeError as e:
+        raise SpecError(str(p), [("(file)", f"not UTF-8 text ({e.reason} at byte {e.start})")]) from None
     except yaml.YAMLError as e:
         raise SpecError(str(p), [("(yaml)", str(e).replace("\n", " "))]) from None
     if len(docs) != 1:

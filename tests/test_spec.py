@@ -101,3 +101,20 @@ def test_config_hash_ignores_execution_and_storage() -> None:
     b = parse_manifest(with_change("spec.execution", {"parallelism": 7}))
     c = parse_manifest(with_change("spec.seed", 3))
     assert a.config_hash() == b.config_hash() != c.config_hash()
+
+
+def test_hostile_manifest_files_are_refused_naming_the_problem(tmp_path: Path) -> None:
+    laughs = tmp_path / "laughs.yaml"
+    lines = ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    lines += [f"{chr(98 + i)}: &{chr(98 + i)} [{','.join(['*' + chr(97 + i)] * 9)}]" for i in range(8)]
+    laughs.write_text("\n".join(lines) + "\n")
+    with pytest.raises(SpecError, match="aliases"):
+        load_manifest(laughs)
+    big = tmp_path / "big.yaml"
+    big.write_text("# " + "x" * (2 << 20) + "\n")
+    with pytest.raises(SpecError, match="more than 1,048,576"):
+        load_manifest(big)
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(SpecError, match="not UTF-8"):
+        load_manifest(binary)
