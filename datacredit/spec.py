@@ -249,7 +249,7 @@ class EstimatorSpec(_Model):
         int, Field(ge=2, le=100_000, description="Most coalitions evaluated, ∅ and full set included.")
     ] = 64
     tolerance: Annotated[
-        float, Field(ge=0, le=1, description="Stop when the widest 95% interval < tolerance × value range.")
+        float, Field(gt=0, le=1, description="Stop when the widest 95% interval < tolerance × value range.")
     ] = 0.02
     seed: Annotated[int, Field(ge=0, le=2**31 - 1)] = 0
     replicates: ReplicateSpec = ReplicateSpec()

@@ -222,7 +222,12 @@ def decide(
     contributors = store.contributors
     ids = [c["id"] for c in contributors]
     names = [c["name"] for c in contributors]
-    planner = planner_factory(len(ids))
+    try:
+        planner = planner_factory(len(ids))
+    except ValueError as e:  # a budget too small for this many contributors: known only after prepare
+        plan.phase, plan.reason = FAILED, "InvalidPlan"
+        plan.message = f"spec.estimator cannot plan {len(ids)} contributors: {e}; fix the estimator and apply again"
+        return plan, None
     plan.counts.planned = len(getattr(planner, "sequence", ())) or run.spec.estimator.budget
     in_flight = 0
     exhausted = False

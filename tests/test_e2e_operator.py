@@ -480,6 +480,7 @@ INVALID = [
     ("spec.method", {"finetune": {"learningRate": -1}}, "spec.method.finetune.learningRate"),
     ("spec.estimator", {"budget": 1}, "spec.estimator.budget"),
     ("spec.estimator", {"name": "tmc"}, "spec.estimator.name"),
+    ("spec.estimator", {"tolerance": 0}, "spec.estimator.tolerance"),
     ("spec.estimator", {"name": "exact", "budget": 3}, "spec.estimator.budget"),
     ("spec.estimator", {"bugdet": 10}, "spec.estimator.bugdet"),
     ("spec.execution", {"parallelism": 0}, "spec.execution.parallelism"),

@@ -300,3 +300,16 @@ def test_a_coalition_failed_for_good_is_skipped_as_the_local_runner_does() -> No
     assert ours.stop_reason == theirs.stop_reason != "running"
     assert ours.n_evaluations == theirs.n_evaluations and plan.counts.succeeded == len(store.utilities)
     np.testing.assert_allclose(ours.values, theirs.values, atol=1e-12)
+
+
+def test_a_budget_too_small_for_the_contributors_fails_the_run_naming_the_field() -> None:
+    from datacredit.runstate import planner_for
+
+    small = parse_manifest({
+        "apiVersion": "datacredit.dev/v1alpha1", "kind": "ValuationRun", "metadata": {"name": "r"},
+        "spec": {"dataset": {"images": "s3://b/d"}, "estimator": {"name": "exact", "budget": 4},
+                 "storage": {"uri": "s3://b/runs"}},
+    })
+    plan, planner = decide(small, [], prepared(), lambda k: planner_for(small, k))
+    assert plan.phase == "Failed" and plan.reason == "InvalidPlan" and planner is None and plan.create == []
+    assert "spec.estimator" in plan.message and "2^3 = 8" in plan.message

@@ -52,6 +52,7 @@ BAD = [
     ("spec.method", {"finetune": {"learningRate": -1}}, "spec.method.finetune.learningRate"),
     ("spec.estimator", {"budget": 1}, "spec.estimator.budget"),
     ("spec.estimator", {"name": "tmc"}, "spec.estimator.name"),
+    ("spec.estimator", {"tolerance": 0}, "spec.estimator.tolerance"),
     ("spec.execution", {"parallelism": 0}, "spec.execution.parallelism"),
     ("spec.execution", {"resources": {"memory": "lots"}}, "spec.execution.resources.memory"),
     ("spec.storage", {"uri": "gs://bucket/x"}, "spec.storage.uri"),
