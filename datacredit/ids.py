@@ -15,6 +15,16 @@ def contributor_id(name: str) -> str:
     return f"{slug}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
 
 
+MAX_LABEL = 63  # a Prometheus label or status field stays readable (and the status bounded) at this length
+
+
+def display_name(name: str, limit: int = MAX_LABEL) -> str:
+    """``name`` itself when short enough, else its start, '~' and 8 hex of its hash (distinct, at most ``limit``)."""
+    if len(name) <= limit:
+        return name
+    return f"{name[: limit - 9]}~{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+
+
 def coalition_id(member_ids: Iterable[str], config_hash: str) -> str:
     """A stable id of a coalition: hash of its sorted member ids and the run's config hash."""
     key = config_hash + "|" + ",".join(sorted(member_ids))

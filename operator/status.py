@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from datacredit.crd import TOP_N
+from datacredit.ids import display_name
 
 from .reconcile import FAILED, SUCCEEDED, Plan
 
@@ -38,8 +39,8 @@ class Estimate:
     def top(self, k: int = TOP_N) -> list[dict[str, Any]]:
         """The k highest values, best first (ties keep contributor order)."""
         order = np.argsort(-np.asarray(self.values), kind="stable")[:k]
-        return [{"contributor": self.names[i], "value": _num(self.values[i]), "stderr": _num(self.stderr[i])}
-                for i in order]
+        return [{"contributor": display_name(self.names[i]), "value": _num(self.values[i]),
+                 "stderr": _num(self.stderr[i])} for i in order]
 
 
 def _num(x: float) -> float:

@@ -313,3 +313,18 @@ def test_a_budget_too_small_for_the_contributors_fails_the_run_naming_the_field(
     plan, planner = decide(small, [], prepared(), lambda k: planner_for(small, k))
     assert plan.phase == "Failed" and plan.reason == "InvalidPlan" and planner is None and plan.create == []
     assert "spec.estimator" in plan.message and "2^3 = 8" in plan.message
+
+
+def test_status_stays_small_with_very_long_contributor_names() -> None:
+    import json
+
+    names = ["studio " * 1500 + str(i) for i in range(15)]  # ~10 KB each, equal but for the end
+    plan, _ = decide(RUN, [], prepared([0, 1, 2]), ScriptedPlanner)
+    plan.phase, plan.reason, plan.message = "Failed", "CoalitionsFailed", "; ".join(names)
+    est = Estimate(names, [float(i) for i in range(15)], [0.1] * 15, 3, False, "budget")
+    status = build_status(plan, est, {}, generation=1, results_uri="s3://b/r/results/", contributors=15,
+                          now="2026-01-01T00:00:00Z")
+    assert len(json.dumps(status).encode()) < 64 * 1024
+    shown = [row["contributor"] for row in status["top"]]
+    assert all(len(s) <= 63 for s in shown) and len(set(shown)) == len(shown) == 10
+    assert status["topContributor"] == shown[0] and shown[0].startswith("studio studio")
