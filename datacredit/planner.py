@@ -12,6 +12,7 @@ past a checkpoint until every coalition before it has been told.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -77,6 +78,19 @@ class Planner:
             planner._asked[planner._position(coalition)] = True
         return planner
 
+    def fork(self) -> Planner:
+        """An independent copy that shares the (immutable) plan: what it is told, asked or skipped stays in it.
+
+        Cheap next to a rebuild with :meth:`from_table`, which re-tells every row and re-evaluates every
+        checkpoint; the operator keeps one planner per run and walks a fork of it in each reconcile pass.
+        """
+        twin = copy.copy(self)
+        twin._table = self._table.copy()
+        twin._replicates = {k: list(v) for k, v in self._replicates.items()}
+        twin._asked, twin._skipped = self._asked.copy(), self._skipped.copy()
+        twin._checkpoints = list(self._checkpoints)
+        return twin
+
     @property
     def n_players(self) -> int:
         return self.plan.n_players
@@ -107,6 +121,11 @@ class Planner:
             if (upto is None or position < upto) and self._table.count[position] and extra:
                 groups.append((not self.plan.sequence[position].any(), [self._table.mean[position], *extra]))
         return SeedNoise.fit(groups)
+
+    @property
+    def skipped(self) -> np.ndarray:
+        """Coalitions given up on with :meth:`skip` and not told since, in plan order, (k, n) bool."""
+        return self.plan.sequence[self._skipped & ~self._table.observed]
 
     @property
     def pending(self) -> np.ndarray:

@@ -21,7 +21,7 @@ from kubernetes.client.rest import ApiException
 
 from datacredit import layout
 from datacredit.crd import GROUP, PLURAL, VERSION
-from datacredit.runstate import open_run, planner_for
+from datacredit.runstate import open_run
 from datacredit.spec import SpecError, ValuationRun, parse_manifest
 from datacredit.storage import StorageError
 
@@ -121,7 +121,9 @@ def _reconcile(body: kopf.Body, meta: dict[str, Any], old: dict[str, Any], uid: 
     results_uri = layout.join_uri(ref.uri, layout.RESULTS) + "/"
     ensure_run_json(ref.store, run, memory)
     view, fresh = read_store(ref.store, memory)  # after the Job snapshot: a Complete Job's result is visible
-    plan, planner = decide(run, jobs, view, lambda n: planner_for(run, n))
+    plan, planner = decide(run, jobs, view, lambda n: memory.planners.fork(run, view))
+    if planner is not None:
+        memory.planners.skip(plan.failed_for_good)
     owner = RunRef(name, namespace, uid)
 
     for failure in plan.record:
@@ -149,7 +151,7 @@ def _reconcile(body: kopf.Body, meta: dict[str, Any], old: dict[str, Any], uid: 
                 metrics.queue_wait(now - dt.datetime.fromisoformat(job.created).timestamp())
 
     names = [c["name"] for c in view.contributors]
-    estimate = estimate_of(planner, names) if planner is not None else None
+    estimate = estimate_of(lambda: memory.planners.estimate(planner), names) if planner is not None else None
     fidelity = None
     if plan.done and planner is not None:
         started = old.get("startTime")

@@ -26,6 +26,9 @@ class Planner(Protocol):
 
     def ask(self, k: int) -> Any: ...
     def tell(self, coalition: Any, utility: float, replicates: Any = ()) -> None: ...
+    def skip(self, coalition: Any) -> None: ...
+    @property
+    def skipped(self) -> Any: ...
 
 
 @dataclass(frozen=True)
@@ -229,6 +232,14 @@ def decide(
         plan.message = f"spec.estimator cannot plan {len(ids)} contributors: {e}; fix the estimator and apply again"
         return plan, None
     plan.counts.planned = len(getattr(planner, "sequence", ())) or run.spec.estimator.budget
+
+    def failed_for_good(cid: str, members: tuple[int, ...]) -> None:
+        plan.failed_for_good.append(cid)
+        plan.failure_messages[cid] = _describe(cid, per.get(cid), ", ".join(names[i] for i in members))
+
+    for coal in planner.skipped:  # skipped in an earlier pass (a kept planner): the walk will not meet them
+        members = tuple(int(i) for i in np.flatnonzero(coal))
+        failed_for_good(coalition_id([ids[i] for i in members], run.config_hash()), members)
     in_flight = 0
     exhausted = False
     while in_flight < ex.parallelism:
@@ -245,8 +256,7 @@ def decide(
         step, attempt = _next_step(per.get(cid), ex.max_attempts_per_coalition)
         if step == "failed":
             planner.skip(coal)  # as the local runner does: checkpoints and stopping rules stop waiting for it
-            plan.failed_for_good.append(cid)
-            plan.failure_messages[cid] = _describe(cid, per.get(cid), ", ".join(names[i] for i in members))
+            failed_for_good(cid, members)
             continue
         in_flight += 1
         if step == "start" and not suspended:

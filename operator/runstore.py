@@ -14,6 +14,7 @@ from datacredit.spec import ValuationRun
 from datacredit.storage import Storage, read_json, write_json
 
 from .jobs import PREPARE
+from .planners import PlannerCache
 from .reconcile import POD_FAILED, StoreView
 
 FAILED_MARKER = "failed.json"  # written by the operator: attempt k of a coalition (or prepare) failed
@@ -40,6 +41,7 @@ class RunMemory:
     running_seen: set[str] = field(default_factory=set)
     failed_counted: set[str] = field(default_factory=set)
     last_error: str = ""
+    planners: PlannerCache = field(default_factory=PlannerCache)
 
 
 def ensure_run_json(store: Storage, run: ValuationRun, memory: RunMemory) -> None:

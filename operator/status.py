@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,10 +49,10 @@ def _num(x: float) -> float:
     return round(float(x), 8) if math.isfinite(x) else 0.0
 
 
-def estimate_of(planner: Any, names: list[str]) -> Estimate | None:
-    """The planner's estimate, or None while it has too few evaluations."""
+def estimate_of(compute: Callable[[], Any], names: list[str]) -> Estimate | None:
+    """The estimate ``compute()`` returns (a planner's), or None while it has too few evaluations."""
     try:
-        est = planner.estimate()
+        est = compute()
     except (ValueError, np.linalg.LinAlgError):  # too few evaluations for this estimator yet
         return None
     return Estimate(names, [float(v) for v in est.values], [float(s) for s in est.stderr],

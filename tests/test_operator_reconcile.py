@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from datacredit.ids import coalition_id
+from datacredit.operator.planners import PlannerCache
 from datacredit.operator.reconcile import JobView, StoreView, decide, job_state, job_view
 from datacredit.operator.status import Estimate, build_status, set_condition
 from datacredit.spec import parse_manifest
@@ -200,8 +201,17 @@ def test_status_is_bounded_and_conditions_keep_transition_times() -> None:
     assert failed["completionTime"] and failed["startTime"] == "2026-01-01T00:00:00Z"
 
 
-@pytest.mark.parametrize(("method", "budget", "parallelism"), [("exact", 16, 3), ("kernel", 12, 2)])
-def test_simulated_run_matches_the_sequential_estimate(method: str, budget: int, parallelism: int) -> None:
+def _factory(run: Any, store: StoreView, cache: PlannerCache | None) -> Any:
+    """What handlers pass to decide(): a fork of the kept planner (or, with no cache, a planner rebuilt)."""
+    from datacredit.runstate import planner_for
+
+    return (lambda k: cache.fork(run, store)) if cache is not None else (lambda k: planner_for(run, k))
+
+
+@pytest.mark.parametrize("cached", [True, False], ids=["kept-planner", "rebuilt-planner"])
+@pytest.mark.parametrize(("method", "budget", "parallelism"), [("exact", 16, 3), ("kernel", 12, 2), ("kernel", 40, 3)])
+def test_simulated_run_matches_the_sequential_estimate(method: str, budget: int, parallelism: int,
+                                                       cached: bool) -> None:
     """Ticks of decide() with Jobs finishing out of order give the estimate of a plain sequential walk."""
     from datacredit.runstate import planner_for
 
@@ -218,11 +228,12 @@ def test_simulated_run_matches_the_sequential_estimate(method: str, budget: int,
         return float(weights[list(members)].sum()) + 0.05 * len(members) ** 2
 
     store = StoreView(True, contributors, {})
+    cache = PlannerCache() if cached else None
     running: list[JobView] = []
     rng = np.random.default_rng(0)
     created: list[str] = []
     for _ in range(200):
-        plan, planner = decide(run, running, store, lambda k: planner_for(run, k))
+        plan, planner = decide(run, running, store, _factory(run, store, cache))
         if plan.done:
             break
         for r in plan.create:
@@ -247,7 +258,8 @@ def test_jobs_of_coalitions_with_results_do_not_hold_the_run() -> None:
     assert plan.phase == "Succeeded" and plan.delete == []
 
 
-def test_a_coalition_failed_for_good_is_skipped_as_the_local_runner_does() -> None:
+@pytest.mark.parametrize("cached", [True, False], ids=["kept-planner", "rebuilt-planner"])
+def test_a_coalition_failed_for_good_is_skipped_as_the_local_runner_does(cached: bool) -> None:
     """With a stopping rule, a coalition that failed for good must not hold (or end) the run: the operator skips
     it in the planner, and its walk gives the local runner's estimate, stop reason and number of evaluations."""
     from datacredit.runstate import planner_for
@@ -269,10 +281,13 @@ def test_a_coalition_failed_for_good_is_skipped_as_the_local_runner_does() -> No
         return float(np.linspace(-0.5, 1, n)[list(members)].sum()) + noise[members]
 
     store = StoreView(True, contributors, {}, {})
+    cache = PlannerCache() if cached else None
     running: list[JobView] = []
     doomed: tuple[int, ...] | None = None
     for _ in range(400):
-        plan, planner = decide(run, running, store, lambda k: planner_for(run, k))
+        plan, planner = decide(run, running, store, _factory(run, store, cache))
+        if cache is not None and planner is not None:
+            cache.skip(plan.failed_for_good)  # as handlers do
         if plan.done:
             break
         for r in plan.create:

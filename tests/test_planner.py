@@ -182,3 +182,20 @@ def test_skipped_coalition_unblocks_checkpoint_and_done() -> None:
     assert len(p.pending) == 0
     res = finish(p, u).estimate()
     assert res.stop_reason == StopReason.BUDGET and res.n_coalitions == len(p.sequence) - 1
+
+
+def test_a_fork_is_independent_of_its_planner_and_estimates_the_same() -> None:
+    """What a fork is asked, told or skipped stays in it; the original goes on as if nothing happened."""
+    planner = Planner(5, 40, "kernel", seed=2, tolerance=0.01)
+    for _ in range(10):
+        batch = planner.ask(1)
+        planner.tell(batch[0], float(batch[0] @ np.arange(5.0)))
+    fork = planner.fork()
+    np.testing.assert_array_equal(fork.estimate().values, planner.estimate().values)
+    asked = fork.ask(3)
+    fork.tell(asked[0], 7.0)
+    fork.skip(asked[1])
+    assert fork.n_told == planner.n_told + 1
+    assert len(asked) == 3 and len(planner.pending) == 0 and len(fork.pending) == 1 and len(fork.skipped) == 1
+    assert len(planner.skipped) == 0
+    np.testing.assert_array_equal(planner.ask(3), asked)  # the original hands out the same coalitions again

@@ -96,6 +96,13 @@ class Table:
             table.add(table.position(z), r.utility)
         return table
 
+    def copy(self) -> Table:
+        """An independent copy of the counts; the coalitions and their index are shared (never changed)."""
+        twin = object.__new__(Table)
+        twin.members, twin.n_players, twin.index = self.members, self.n_players, self.index
+        twin.total, twin.sq, twin.count = self.total.copy(), self.sq.copy(), self.count.copy()
+        return twin
+
     def position(self, mask: np.ndarray) -> int:
         """Row of a coalition; raises ``KeyError`` for a coalition not in the table."""
         try:
