@@ -23,10 +23,10 @@ class RunRef:
     config_hash: str
 
 
-def s3_options(run: ValuationRun) -> S3Options:
-    """S3 connection settings from spec.storage."""
+def s3_options(run: ValuationRun, patience: float | None = None) -> S3Options:
+    """S3 connection settings from spec.storage; `patience`: how long an outage is waited out (None: default)."""
     s = run.spec.storage
-    return S3Options(endpoint=s.endpoint, region=s.region, path_style=s.path_style)
+    return S3Options(endpoint=s.endpoint, region=s.region, path_style=s.path_style, patience=patience)
 
 
 def run_uri(run: ValuationRun, uid: str | None = None) -> str:
@@ -35,9 +35,9 @@ def run_uri(run: ValuationRun, uid: str | None = None) -> str:
     return layout.join_uri(run.spec.storage.uri, prefix)
 
 
-def open_run(run: ValuationRun, uid: str | None = None) -> RunRef:
-    """Open the run's storage."""
-    options = s3_options(run)
+def open_run(run: ValuationRun, uid: str | None = None, patience: float | None = None) -> RunRef:
+    """Open the run's storage (`patience` as in :func:`s3_options`)."""
+    options = s3_options(run, patience)
     uri = run_uri(run, uid)
     return RunRef(uri, open_storage(uri, options), options, run.config_hash())
 

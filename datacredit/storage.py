@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -14,6 +16,10 @@ from urllib.parse import urlparse
 
 class StorageError(RuntimeError):
     """A storage operation failed; the message names the URI and what to check."""
+
+
+class StorageUnavailable(StorageError):
+    """The store could not be reached (connection refused, timeouts, 5xx) for longer than the patience."""
 
 
 class InvalidKeyError(StorageError):
@@ -98,6 +104,32 @@ class S3Options:
     endpoint: str = ""
     region: str = ""
     path_style: bool = True
+    patience: float | None = None  # seconds an outage is waited out; None: $DATACREDIT_STORAGE_PATIENCE or 600
+
+    def patience_seconds(self) -> float:
+        """How long transient errors (connection refused, timeouts, 5xx) are retried with back-off."""
+        if self.patience is not None:
+            return self.patience
+        return float(os.environ.get(PATIENCE_ENV, DEFAULT_PATIENCE_S))
+
+
+PATIENCE_ENV = "DATACREDIT_STORAGE_PATIENCE"
+DEFAULT_PATIENCE_S = 600.0
+log = logging.getLogger("datacredit.storage")
+
+
+def is_transient(err: Exception) -> bool:
+    """Whether an S3 error is an outage worth waiting out, rather than a wrong key, bucket or credential."""
+    from botocore.exceptions import ClientError, HTTPClientError
+    from botocore.exceptions import ConnectionError as BotoConnectionError
+
+    if isinstance(err, BotoConnectionError | HTTPClientError):
+        return True
+    if isinstance(err, ClientError):
+        status = int(err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+        code = err.response.get("Error", {}).get("Code", "")
+        return status >= 500 or code in ("SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout")
+    return False
 
 
 def s3_client(options: S3Options) -> Any:
@@ -156,11 +188,32 @@ class S3Storage:
                 hint = f" (bucket {self.bucket!r} does not exist)"
         return StorageError(f"cannot {action} {self.uri}/{key}: {err}{hint}")
 
+    def _call(self, action: str, key: str, fn: Any) -> Any:
+        """``fn()``, waiting out an outage with exponential back-off (1 s doubling to 30 s) for up to the
+        patience; other errors are raised at once. Past the patience: :class:`StorageUnavailable`."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        patience, delay, started = self.options.patience_seconds(), 1.0, time.monotonic()
+        while True:
+            try:
+                return fn()
+            except (ClientError, BotoCoreError) as e:
+                waited = time.monotonic() - started
+                if not is_transient(e):
+                    raise
+                if waited + delay > patience:
+                    raise StorageUnavailable(f"{self._fail(action, key, e)} (unreachable for {waited:.0f} s, "
+                                             f"patience {patience:.0f} s: ${PATIENCE_ENV})") from None
+                log.warning("storage %s unreachable (%s); retrying to %s %s in %.0f s", self.uri, e, action, key, delay)
+                time.sleep(delay)
+                delay = min(2 * delay, 30.0)
+
     def read_bytes(self, key: str) -> bytes:
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
-            return self._client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
+            return self._call("read", key,
+                              lambda: self._client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read())
         except ClientError as e:
             if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
                 raise FileNotFoundError(f"{self.uri}/{key}: not found") from None
@@ -176,7 +229,7 @@ class S3Storage:
         try:
             if if_absent:
                 try:
-                    self._client.put_object(IfNoneMatch="*", **kwargs)
+                    self._call("write", key, lambda: self._client.put_object(IfNoneMatch="*", **kwargs))
                     return True
                 except ClientError as e:
                     code = e.response.get("Error", {}).get("Code")
@@ -186,7 +239,7 @@ class S3Storage:
                         raise
                 if self.exists(key):  # store without conditional writes: HEAD then PUT
                     return False
-            self._client.put_object(**kwargs)
+            self._call("write", key, lambda: self._client.put_object(**kwargs))
             return True
         except (ClientError, BotoCoreError) as e:
             raise self._fail("write", key, e) from None
@@ -195,7 +248,7 @@ class S3Storage:
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
-            self._client.head_object(Bucket=self.bucket, Key=self._key(key))
+            self._call("check", key, lambda: self._client.head_object(Bucket=self.bucket, Key=self._key(key)))
             return True
         except ClientError as e:
             if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
@@ -209,13 +262,16 @@ class S3Storage:
 
         full = self._key(prefix.strip("/")) + "/" if prefix else (self.prefix + "/" if self.prefix else "")
         strip = len(self.prefix) + 1 if self.prefix else 0
-        keys: list[str] = []
-        try:
+        def listing() -> list[str]:
+            keys: list[str] = []
             for page in self._client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full):
                 keys.extend(o["Key"][strip:] for o in page.get("Contents", []))
+            return keys
+
+        try:
+            return sorted(self._call("list", prefix, listing))
         except (ClientError, BotoCoreError) as e:
             raise self._fail("list", prefix, e) from None
-        return sorted(keys)
 
     def child(self, prefix: str) -> S3Storage:
         return S3Storage(f"{self.uri}/{prefix.strip('/')}", self.options, self._client)

@@ -8,6 +8,7 @@ operator restart resumes a run without repeating finished coalitions or creating
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 import os
 import threading
@@ -27,12 +28,14 @@ from datacredit.storage import StorageError
 
 from . import metrics
 from .jobs import LABEL_RUN_UID, PREPARE, JobRequest, RunRef, job_name, render_job
-from .reconcile import FAILED, RUNNING, SUCCEEDED, Plan, decide, job_view
-from .runstore import RunMemory, ensure_run_json, read_store, record_failure, write_results
+from .reconcile import FAILED, LOST_AFTER_SECONDS, REJECTED, RUNNING, SUCCEEDED, Plan, decide, job_view
+from .runstore import RunMemory, ensure_run_json, read_store, record_created, record_failure, write_results
 from .status import Estimate, build_status, estimate_of, failed_note, now_iso, set_condition, status_fidelity
 
 INTERVAL_ENV = "DATACREDIT_RECONCILE_INTERVAL"
 RECONCILE_INTERVAL = float(os.environ.get(INTERVAL_ENV, "5"))
+LOST_AFTER_ENV = "DATACREDIT_JOB_LOST_AFTER"  # seconds before an unseen, vanished Job counts as a failed attempt
+LOST_AFTER = float(os.environ.get(LOST_AFTER_ENV, str(LOST_AFTER_SECONDS)))
 TERMINAL = (SUCCEEDED, FAILED)
 
 log = logging.getLogger("datacredit.operator")
@@ -117,11 +120,11 @@ def _reconcile(body: kopf.Body, meta: dict[str, Any], old: dict[str, Any], uid: 
         _finish(body, patch, old, plan, None, generation, "", 0, namespace, name)
         return
 
-    ref = open_run(run, uid)
+    ref = open_run(run, uid, patience=0.0)  # an outage fails this pass at once (shown, retried next pass)
     results_uri = layout.join_uri(ref.uri, layout.RESULTS) + "/"
     ensure_run_json(ref.store, run, memory)
     view, fresh = read_store(ref.store, memory)  # after the Job snapshot: a Complete Job's result is visible
-    plan, planner = decide(run, jobs, view, lambda n: memory.planners.fork(run, view))
+    plan, planner = decide(run, jobs, view, lambda n: memory.planners.fork(run, view), lost_after=LOST_AFTER)
     if planner is not None:
         memory.planners.skip(plan.failed_for_good)
     owner = RunRef(name, namespace, uid)
@@ -133,7 +136,7 @@ def _reconcile(body: kopf.Body, meta: dict[str, Any], old: dict[str, Any], uid: 
             kopf.warn(body, reason="AttemptFailed", message=f"{what} attempt {failure.attempt} failed "
                       f"({failure.reason}): {failure.message}"[:1000])
     for request in plan.create:
-        _create_job(body, run, owner, ref.uri, request, namespace)
+        _create_job(body, run, owner, ref, request, namespace)
     for job in plan.delete:
         _delete_job(job, namespace)
     for cid, seconds in fresh.items():
@@ -201,25 +204,46 @@ def _finish(body: kopf.Body, patch: kopf.Patch, old: dict[str, Any], plan: Plan,
     metrics.observe_run(namespace, name, status, eta)
 
 
-def _create_job(body: kopf.Body, run: ValuationRun, owner: RunRef, run_uri: str, request: JobRequest,
+def _create_job(body: kopf.Body, run: ValuationRun, owner: RunRef, ref: Any, request: JobRequest,
                 namespace: str) -> None:
-    manifest = render_job(run, owner, run_uri, request)
+    """Create the Job of an attempt; its created marker goes to storage first (attempts are counted from there).
+
+    A Job the API server refuses as invalid (400/422: a bad node selector, toleration or Secret name) is
+    recorded as a failed attempt that is not retried, so the run fails naming the server's message instead of
+    trying again every pass. Other errors (quota, throttling, outages) are raised: shown and retried.
+    """
+    manifest = render_job(run, owner, ref.uri, request)
+    name = job_name(owner, request.key, request.attempt)
+    record_created(ref.store, request.key, request.attempt, name)
     try:
         client.BatchV1Api().create_namespaced_job(namespace, manifest)
     except ApiException as error:
         if error.status == 409:  # created by an earlier pass; the index has not caught up yet
             return
+        if error.status in (400, 422):
+            message = f"the API server refused Job {name}: {_api_message(error)}; fix spec.execution and apply again"
+            if record_failure(ref.store, request.key, request.attempt, REJECTED, message, name):
+                metrics.attempt(namespace, REJECTED)
+                kopf.warn(body, reason="JobRejected", message=message[:1000])
+            return
         raise
     metrics.attempt(namespace, "Started")
     if request.attempt > 1:
         metrics.attempt(namespace, "Retried")
-    name = job_name(owner, request.key, request.attempt)
     if request.step == PREPARE:
         kopf.info(body, reason="PrepareStarted", message=f"Job {name} (attempt {request.attempt})")
     elif request.attempt > 1:
         kopf.info(body, reason="CoalitionRetried", message=f"Job {name}: coalition {request.cid} attempt "
                   f"{request.attempt}")
     log.info("%s: created Job %s", owner.name, name)
+
+
+def _api_message(error: ApiException) -> str:
+    """The `message` of a Kubernetes Status in an ApiException's body, or its reason."""
+    try:
+        return str(json.loads(error.body or "{}").get("message") or error.reason)
+    except ValueError:
+        return str(error.reason)
 
 
 def _delete_job(name: str, namespace: str) -> None:

@@ -21,6 +21,7 @@ PREPARE = "prepare"
 COALITION = "coalition"
 CONTAINER = "worker"
 EXIT_BAD_INPUT = 3  # datacredit.cli.EXIT_BAD_INPUT: retrying cannot help
+EXIT_STORAGE = 4  # datacredit.cli.EXIT_STORAGE: storage unreachable past the worker's patience; retried
 WORKER_COMMAND_ENV = "DATACREDIT_WORKER_COMMAND"
 RUN_AS_USER = 10001  # the worker image's user (images/worker.Dockerfile)
 MAX_NAME = 63  # Job names become label values: at most 63 characters
@@ -195,6 +196,8 @@ def render_job(run: ValuationRun, ref: RunRef, run_uri: str, request: JobRequest
                     {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
                     {"action": "FailJob",
                      "onExitCodes": {"containerName": CONTAINER, "operator": "In", "values": [EXIT_BAD_INPUT]}},
+                    {"action": "FailJob",  # its own rule, so the Job's message names the exit code
+                     "onExitCodes": {"containerName": CONTAINER, "operator": "In", "values": [EXIT_STORAGE]}},
                 ]
             },
             "template": {"metadata": {"labels": pod_labels, "annotations": annotations}, "spec": pod_spec},

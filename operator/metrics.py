@@ -32,8 +32,8 @@ TOP_VALUE = Gauge("datacredit_run_top_value", "Shapley value of the top contribu
 MAX_STDERR = Gauge("datacredit_run_max_stderr", "Largest standard error of the current estimate.",
                    ["namespace", "name"], registry=REGISTRY)
 ATTEMPTS = Counter("datacredit_coalition_attempts", "Worker Job attempts started and failed, by reason "
-                   "(Started|Retried|PodFailed|DeadlineExceeded|BadInput|Evicted).", ["namespace", "reason"],
-                   registry=REGISTRY)
+                   "(Started|Retried|PodFailed|DeadlineExceeded|BadInput|NoResult|JobLost|JobRejected).",
+                   ["namespace", "reason"], registry=REGISTRY)
 COMPLETED = Counter("datacredit_coalitions_completed", "Coalitions finished, by result (succeeded|failed).",
                     ["namespace", "result"], registry=REGISTRY)
 DURATION = Histogram("datacredit_coalition_duration_seconds", "Seconds per coalition stage, from result.json.",
@@ -122,7 +122,8 @@ def _remove(metric: Any, *labels: str) -> None:
 
 
 def attempt(namespace: str, reason: str) -> None:
-    """Count a Job attempt event (Started, Retried, PodFailed, DeadlineExceeded, BadInput, Evicted)."""
+    """Count a Job attempt event (Started, Retried, PodFailed, DeadlineExceeded, BadInput, NoResult, JobLost,
+    JobRejected)."""
     ATTEMPTS.labels(namespace, reason).inc()
 
 

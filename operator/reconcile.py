@@ -5,6 +5,7 @@ Nothing here talks to Kubernetes or storage; `handlers` gathers the inputs and c
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -14,10 +15,23 @@ import numpy as np
 from datacredit.ids import coalition_id
 from datacredit.spec import ValuationRun
 
-from .jobs import ANNOTATION_MEMBERS, COALITION, LABEL_ATTEMPT, LABEL_COALITION, LABEL_STEP, PREPARE, JobRequest
+from .jobs import (
+    ANNOTATION_MEMBERS,
+    COALITION,
+    EXIT_STORAGE,
+    LABEL_ATTEMPT,
+    LABEL_COALITION,
+    LABEL_STEP,
+    PREPARE,
+    JobRequest,
+)
 
 QUEUED, RUNNING, SUCCEEDED, FAILED = "Queued", "Running", "Succeeded", "Failed"
 BAD_INPUT, DEADLINE, POD_FAILED, NO_RESULT = "BadInput", "DeadlineExceeded", "PodFailed", "NoResult"
+LOST, REJECTED = "JobLost", "JobRejected"  # the Job vanished unseen; the API server refused to create it
+STORAGE = "StorageUnavailable"  # the worker could not reach storage for its whole patience (exit code 4)
+NOT_RETRIED = (BAD_INPUT, REJECTED)  # the same Job would fail the same way
+LOST_AFTER_SECONDS = 120.0  # a created Job absent this long after its created marker was written is lost
 ACTIVE = (QUEUED, RUNNING)
 
 
@@ -46,8 +60,10 @@ class JobView:
     members: str = ""
 
 
-def _failure_reason(reason: str) -> str:
-    return {"PodFailurePolicy": BAD_INPUT, "DeadlineExceeded": DEADLINE}.get(reason, POD_FAILED)
+def _failure_reason(reason: str, message: str) -> str:
+    if reason == "PodFailurePolicy":  # "... failed with exit code 4 matching FailJob rule at index 2"
+        return STORAGE if f"exit code {EXIT_STORAGE} " in message else BAD_INPUT
+    return DEADLINE if reason == "DeadlineExceeded" else POD_FAILED
 
 
 def job_state(job: Mapping[str, Any]) -> tuple[str, str, str]:
@@ -58,7 +74,7 @@ def job_state(job: Mapping[str, Any]) -> tuple[str, str, str]:
         return SUCCEEDED, "", ""
     failed = true.get("Failed") or true.get("FailureTarget")
     if failed is not None:
-        return FAILED, _failure_reason(failed.get("reason", "")), failed.get("message", "")
+        return FAILED, _failure_reason(failed.get("reason", ""), failed.get("message", "")), failed.get("message", "")
     if (job.get("spec") or {}).get("suspend"):
         return QUEUED, "", ""
     running = status.get("ready") if "ready" in status else status.get("active")
@@ -91,6 +107,7 @@ class StoreView:
     utilities: dict[str, float] = field(default_factory=dict)  # coalition id -> utility
     failures: dict[str, dict[int, str]] = field(default_factory=dict)  # key -> {attempt: reason}
     replicates: dict[str, list[float]] = field(default_factory=dict)  # coalition id -> replicate-seed utilities
+    created: dict[str, dict[int, float]] = field(default_factory=dict)  # key -> {attempt: when its Job was created}
 
 
 @dataclass(frozen=True)
@@ -141,15 +158,35 @@ class _Attempts:
     failed: dict[int, tuple[str, str]] = field(default_factory=dict)  # attempt -> (reason, message)
 
 
-def _attempts(jobs: Iterable[JobView], store: StoreView, results: set[str]) -> tuple[dict[str, _Attempts],
-                                                                                     list[Failure]]:
+def _attempts(jobs: Iterable[JobView], store: StoreView, results: set[str], now: float, lost_after: float) -> tuple[
+        dict[str, _Attempts], list[Failure]]:
+    """Attempts per key, counted from storage (created and failure markers) and the Jobs still there.
+
+    Storage is what bounds retries: a Job deleted before a pass saw how it ended (TTL 0, an operator down
+    longer than the TTL) still counts as an attempt, so it is never recreated as the same attempt forever.
+    """
     per: dict[str, _Attempts] = {}
     for key, marks in store.failures.items():
         a = per.setdefault(key, _Attempts())
         for attempt, reason in marks.items():
             a.failed[attempt] = (reason, "")
             a.latest = max(a.latest, attempt)
+    for key, created in store.created.items():
+        a = per.setdefault(key, _Attempts())
+        a.latest = max(a.latest, *created)
     new: list[Failure] = []
+    jobs = list(jobs)
+    seen = {(job.key, job.attempt) for job in jobs}
+    for key, created in store.created.items():
+        a = per[key]
+        attempt = a.latest
+        done_ok = key in results or (key == PREPARE and store.prepared)
+        if (attempt in created and (key, attempt) not in seen and attempt not in a.failed and not done_ok
+                and now - created[attempt] > lost_after):
+            message = (f"the Job of attempt {attempt} is gone (deleted, or removed by its TTL) and no pass saw how "
+                       "it ended")
+            a.failed[attempt] = (LOST, message)
+            new.append(Failure(key, attempt, LOST, message, ""))
     for job in jobs:
         a = per.setdefault(job.key, _Attempts())
         a.latest = max(a.latest, job.attempt)
@@ -175,10 +212,10 @@ def _next_step(a: _Attempts | None, max_attempts: int) -> tuple[str, int]:
         return "active", a.latest
     if a.latest in a.failed:
         reason = a.failed[a.latest][0]
-        if reason == BAD_INPUT or a.latest >= max_attempts:
+        if reason in NOT_RETRIED or a.latest >= max_attempts:
             return "failed", a.latest
         return "start", a.latest + 1
-    return "start", a.latest  # the Job of the latest attempt is gone without a verdict: recreate it
+    return "start", a.latest  # created, not seen yet (or before created markers): (re)create it, a 409 is fine
 
 
 def _describe(key: str, a: _Attempts | None, names: str | None = None) -> str:
@@ -195,16 +232,20 @@ def decide(
     jobs: list[JobView],
     store: StoreView,
     planner_factory: Callable[[int], Planner],
+    now: float | None = None,
+    lost_after: float = LOST_AFTER_SECONDS,
 ) -> tuple[Plan, Planner | None]:
     """Desired state: which Jobs to start or stop, which failures to record, and the run's phase.
 
     Walks the planner's sequence exactly as the local executor does: finished coalitions are told in
     sequence order, at most `parallelism` coalitions are in flight, failed ones are retried up to
-    `maxAttemptsPerCoalition` times, and the run ends when the planner asks for nothing more.
+    `maxAttemptsPerCoalition` times, and the run ends when the planner asks for nothing more. A Job created
+    more than `lost_after` seconds before `now` that is neither observed nor finished counts as a failed attempt.
     """
     ex = run.spec.execution
     suspended = run.spec.suspend
-    per, new_failures = _attempts(jobs, store, set(store.utilities))
+    now = time.time() if now is None else now
+    per, new_failures = _attempts(jobs, store, set(store.utilities), now, lost_after)
     plan = Plan(phase="Pending", record=new_failures)
     plan.counts.failed_attempts = sum(len(a.failed) for k, a in per.items() if k != PREPARE)
 

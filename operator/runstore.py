@@ -18,12 +18,22 @@ from .planners import PlannerCache
 from .reconcile import POD_FAILED, StoreView
 
 FAILED_MARKER = "failed.json"  # written by the operator: attempt k of a coalition (or prepare) failed
+CREATED_MARKER = "created.json"  # written by the operator just before it creates the Job of attempt k
+
+
+def _marker(key: str, attempt: int, name: str) -> str:
+    base = "prepare" if key == PREPARE else f"coalitions/{key}"
+    return f"{base}/attempt-{attempt}/{name}"
 
 
 def failure_key(key: str, attempt: int) -> str:
     """Where the operator records that an attempt failed (survives Job TTL deletion and restarts)."""
-    base = "prepare" if key == PREPARE else f"coalitions/{key}"
-    return f"{base}/attempt-{attempt}/{FAILED_MARKER}"
+    return _marker(key, attempt, FAILED_MARKER)
+
+
+def created_key(key: str, attempt: int) -> str:
+    """Where the operator records that it created the Job of an attempt: attempts are counted from storage."""
+    return _marker(key, attempt, CREATED_MARKER)
 
 
 @dataclass
@@ -37,6 +47,7 @@ class RunMemory:
     utilities: dict[str, float] = field(default_factory=dict)
     replicates: dict[str, list[float]] = field(default_factory=dict)
     failures: dict[str, dict[int, str]] = field(default_factory=dict)
+    created: dict[str, dict[int, float]] = field(default_factory=dict)
     coalition_seconds: list[float] = field(default_factory=list)
     running_seen: set[str] = field(default_factory=set)
     failed_counted: set[str] = field(default_factory=set)
@@ -52,32 +63,44 @@ def ensure_run_json(store: Storage, run: ValuationRun, memory: RunMemory) -> Non
         memory.run_json_written = True
 
 
-def _parse_failures(store: Storage, keys: list[str], memory: RunMemory, key_of: Any) -> None:
+def _parse_markers(store: Storage, keys: list[str], memory: RunMemory, key_of: Any, finished: set[str]) -> None:
+    """Failure and created markers among `keys` not parsed before (markers are written once, never changed);
+    the created markers of `finished` keys are not read (one GET per coalition after a restart, for nothing)."""
     for k in keys:
         parts = k.split("/")
-        if parts[-1] != FAILED_MARKER or not parts[-2].startswith("attempt-"):
+        if parts[-1] not in (FAILED_MARKER, CREATED_MARKER) or not parts[-2].startswith("attempt-"):
             continue
         owner, attempt = key_of(parts), int(parts[-2].removeprefix("attempt-"))
-        if attempt in memory.failures.get(owner, {}):
+        table: dict[str, dict[int, Any]] = memory.failures if parts[-1] == FAILED_MARKER else memory.created
+        if attempt in table.get(owner, {}):
+            continue
+        if parts[-1] == CREATED_MARKER and owner in finished:  # its time only matters while there is no result
+            memory.created.setdefault(owner, {})[attempt] = 0.0
             continue
         try:
-            reason = str(read_json(store, k).get("reason", POD_FAILED))
+            doc = read_json(store, k)
         except (FileNotFoundError, ValueError):
-            reason = POD_FAILED
-        memory.failures.setdefault(owner, {})[attempt] = reason
+            doc = {}
+        if parts[-1] == FAILED_MARKER:
+            memory.failures.setdefault(owner, {})[attempt] = str(doc.get("reason", POD_FAILED))
+        else:
+            memory.created.setdefault(owner, {})[attempt] = float(doc.get("time", 0.0))
 
 
 def read_store(store: Storage, memory: RunMemory) -> tuple[StoreView, dict[str, dict[str, float]]]:
     """The StoreView of a run, and the stage seconds of results that appeared since the last call."""
     if not memory.prepared:
-        _parse_failures(store, store.list("prepare"), memory, lambda parts: PREPARE)
+        keys = store.list("prepare")
+        finished = {PREPARE} if layout.PREPARE_RESULT in keys else set()
+        _parse_markers(store, keys, memory, lambda parts: PREPARE, finished)
         if store.exists(layout.PREPARE_RESULT):
             memory.contributors = read_json(store, layout.MANIFEST)["contributors"]
             memory.prepared = True
     fresh: dict[str, dict[str, float]] = {}
     if memory.prepared:
         keys = store.list("coalitions")
-        _parse_failures(store, keys, memory, lambda parts: parts[1])
+        finished = {k.split("/")[1] for k in keys if k.endswith("/result.json") and k.count("/") == 2}
+        _parse_markers(store, keys, memory, lambda parts: parts[1], finished)
         for k in keys:
             parts = k.split("/")
             if len(parts) == 3 and parts[2] == "result.json" and parts[1] not in memory.utilities:
@@ -92,7 +115,8 @@ def read_store(store: Storage, memory: RunMemory) -> tuple[StoreView, dict[str, 
                     fresh[parts[1]] = seconds
         memory.listed_once = True
     view = StoreView(memory.prepared, memory.contributors, dict(memory.utilities),
-                     replicates=dict(memory.replicates), failures={k: dict(v) for k, v in memory.failures.items()})
+                     replicates=dict(memory.replicates), failures={k: dict(v) for k, v in memory.failures.items()},
+                     created={k: dict(v) for k, v in memory.created.items()})
     return view, fresh
 
 
@@ -100,6 +124,11 @@ def record_failure(store: Storage, key: str, attempt: int, reason: str, message:
     """Write the failure marker of an attempt; False when it was already there."""
     doc = {"reason": reason, "message": message, "job": job, "time": time.time()}
     return write_json(store, failure_key(key, attempt), doc, if_absent=True)
+
+
+def record_created(store: Storage, key: str, attempt: int, job: str) -> None:
+    """Write the created marker of an attempt (kept if there: the first creation time counts)."""
+    write_json(store, created_key(key, attempt), {"job": job, "time": time.time()}, if_absent=True)
 
 
 def write_results(store: Storage, run: ValuationRun, planner: Any, contributors: list[dict[str, Any]],

@@ -211,7 +211,7 @@ class OperatorMetrics:
         for result, count in (("succeeded", 7), ("failed", 3)):
             for _ in range(count):
                 self.metrics.completed("obs", result, seconds if result == "succeeded" else None)
-        for reason in ("Started", "Retried", "PodFailed", "Evicted"):
+        for reason in ("Started", "Retried", "PodFailed", "JobLost"):
             self.metrics.attempt("obs", reason)
         self.metrics.queue_wait(12.0)
         self.metrics.reconciled(True, 0.05)

@@ -7,6 +7,7 @@ operator itself as a subprocess (`datacredit operator`), so it can be killed and
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -55,6 +56,7 @@ class Operator:
             **s3.env(),
             "KUBECONFIG": str(plane.kubeconfig),
             "DATACREDIT_RECONCILE_INTERVAL": "1",
+            "DATACREDIT_JOB_LOST_AFTER": "4",
             "PYTHONUNBUFFERED": "1",
         }
         self.log_dir = log_dir
@@ -320,6 +322,15 @@ def test_operator_restart_resumes_without_repeating_work(
         return ((_get(api, "tiny-restart").get("status") or {}).get("coalitions") or {}).get("succeeded", 0) >= 2
 
     wait_until(some_done, "2 coalitions of tiny-restart", RUN_TIMEOUT_S, interval=1.0, process=operator.process)
+    uid = _get(api, "tiny-restart")["metadata"]["uid"]
+
+    def in_flight() -> list[str]:
+        return [j.metadata.labels["datacredit.dev/coalition"] for j in _jobs(api, uid)
+                if (j.status.active or 0) > 0 and "datacredit.dev/coalition" in j.metadata.labels]
+
+    wait_until(lambda: bool(in_flight()), "a coalition Job running", RUN_TIMEOUT_S, interval=0.2,
+               process=operator.process)
+    running_at_kill = in_flight()
     operator.kill()
     time.sleep(8)  # Jobs keep running and finishing while no operator watches
     operator.start()
@@ -332,6 +343,11 @@ def test_operator_restart_resumes_without_repeating_work(
     attempts = {k.rsplit("/", 1)[0] for k in keys if "/attempt-" in k}
     assert len(results) == run["status"]["coalitions"]["succeeded"]
     assert len(attempts) == len(results), "a coalition was evaluated more than once"
+    assert running_at_kill, "no work was in flight when the operator was killed"
+    for cid in running_at_kill:  # finished while no operator watched, and not started again
+        assert f"coalitions/{cid}/result.json" in keys
+        assert [k for k in keys if k.startswith(f"coalitions/{cid}/attempt-")
+                and k.endswith("/created.json")] == [f"coalitions/{cid}/attempt-1/created.json"]
     jobs = _jobs(api, run["metadata"]["uid"])
     per_coalition = [j.metadata.labels.get("datacredit.dev/coalition", "prepare") for j in jobs]
     assert len(per_coalition) == len(set(per_coalition)), "a Job was duplicated"
@@ -449,6 +465,57 @@ def test_failed_pod_is_retried_and_persistent_failure_fails_the_run(
     assert not [j for j in _jobs(api, doomed["metadata"]["uid"]) if not (j.status.succeeded or j.status.failed)]
     _delete(api, "tiny-retry")
     _delete(api, "tiny-doomed")
+
+
+def test_jobs_that_vanish_unseen_use_up_attempts_and_the_run_fails_in_bounded_time(
+    api: client.ApiClient, operator: Operator, s3_server: S3Server, tiny_data: TinyData,
+    faults: dict[tuple[str, str], str],
+) -> None:
+    """Every Job of the full coalition is deleted as soon as it shows up (as TTL 0 or an operator down longer
+    than the TTL would do): attempts are counted from storage, so the run fails after maxAttemptsPerCoalition."""
+    faults[("tiny-vanish", "0,1,2,3")] = "always"  # and if one survives long enough to run, it fails
+    _create(api, _manifest(tiny_data, s3_server, "tiny-vanish", budget=6, maxAttemptsPerCoalition=2,
+                           maxFailedCoalitions=0))
+    uid = _get(api, "tiny-vanish")["metadata"]["uid"]
+    batch = client.BatchV1Api(api)
+    deleted: set[str] = set()
+
+    def delete_full_coalition_jobs() -> bool:
+        for j in _jobs(api, uid):
+            if (j.metadata.annotations or {}).get("datacredit.dev/members") == "0,1,2,3":
+                with contextlib.suppress(ApiException):
+                    batch.delete_namespaced_job(j.metadata.name, NS, propagation_policy="Background")
+                deleted.add(j.metadata.name)
+        return (_get(api, "tiny-vanish").get("status") or {}).get("phase") in ("Succeeded", "Failed")
+
+    wait_until(delete_full_coalition_jobs, "tiny-vanish to end", RUN_TIMEOUT_S, interval=0.2,
+               process=operator.process)
+    status = _get(api, "tiny-vanish")["status"]
+    assert status["phase"] == "Failed", status
+    failed = {c["type"]: c for c in status["conditions"]}["Failed"]
+    assert failed["reason"] == "CoalitionsFailed" and "JobLost" in failed["message"], failed
+    assert {n.rsplit("-a", 1)[1] for n in deleted} == {"1", "2"}, deleted  # attempts 1 and 2, never a third
+    store = _store(_get(api, "tiny-vanish"), s3_server)
+    markers = [k for k in store.list("coalitions") if k.endswith(("created.json", "failed.json"))]
+    full = {k.split("/")[1] for k in markers if k.endswith("attempt-2/created.json")}
+    assert len(full) == 1 and not [k for k in markers if "/attempt-3/" in k], markers
+    _delete(api, "tiny-vanish")
+
+
+def test_a_job_the_api_server_refuses_fails_the_run_with_its_message(
+    api: client.ApiClient, operator: Operator, s3_server: S3Server, tiny_data: TinyData,
+) -> None:
+    """A nodeSelector key the API server rejects (422) used to be retried every pass forever."""
+    _create(api, _manifest(tiny_data, s3_server, "tiny-rejected", nodeSelector={"not a key!": "x"}))
+    run = _wait_phase(api, "tiny-rejected", ("Succeeded", "Failed"), operator, timeout=120)
+    failed = {c["type"]: c for c in run["status"]["conditions"]}["Failed"]
+    assert failed["reason"] == "PrepareFailed" and "JobRejected" in failed["message"], failed
+    assert "nodeSelector" in failed["message"], failed  # the API server's own words
+    assert _jobs(api, run["metadata"]["uid"]) == []
+    events = client.CoreV1Api(api).list_namespaced_event(
+        NS, field_selector=f"involvedObject.name=tiny-rejected,involvedObject.uid={run['metadata']['uid']}").items
+    assert any(e.reason == "JobRejected" for e in events)
+    _delete(api, "tiny-rejected")
 
 
 # ---------------------------------------------------------------- (4) admission

@@ -58,6 +58,7 @@ def test_coalition_job(monkeypatch: pytest.MonkeyPatch) -> None:
     rules = spec["podFailurePolicy"]["rules"]
     assert rules[0] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}
     assert rules[1]["action"] == "FailJob" and rules[1]["onExitCodes"]["values"] == [3]
+    assert rules[2]["action"] == "FailJob" and rules[2]["onExitCodes"]["values"] == [4]  # named in the message
     pod = spec["template"]["spec"]
     assert pod["restartPolicy"] == "Never"
     assert pod["nodeSelector"] == {"gpu": "a100"} and pod["tolerations"][0]["key"] == "gpu"

@@ -81,6 +81,10 @@ def test_job_state_from_conditions() -> None:
     assert job_state(j([("SuccessCriteriaMet", ""), ("Complete", "")]))[0] == "Succeeded"
     assert job_state(j([("FailureTarget", "PodFailurePolicy"), ("Failed", "PodFailurePolicy")]))[:2] == (
         "Failed", "BadInput")
+    storage = {"spec": {}, "status": {"conditions": [{
+        "type": "Failed", "status": "True", "reason": "PodFailurePolicy",
+        "message": "Container worker for pod ns/p failed with exit code 4 matching FailJob rule at index 2"}]}}
+    assert job_state(storage)[:2] == ("Failed", "StorageUnavailable")  # an outage: retried, not bad input
     assert job_state(j([("Failed", "DeadlineExceeded")]))[1] == "DeadlineExceeded"
     assert job_state(j([("Failed", "BackoffLimitExceeded")]))[1] == "PodFailed"
     assert job_state(j([], active=1, ready=1))[0] == "Running"
@@ -166,6 +170,45 @@ def test_job_gone_without_verdict_is_recreated_and_no_result_counts_as_failure()
     # the marker of attempt 1 exists, attempt 2's Job vanished (deleted by hand): attempt 2 again
     plan, _ = decide(RUN, [], prepared(failures={cid(0): {1: "PodFailed"}}), ScriptedPlanner)
     assert (plan.create[0].cid, plan.create[0].attempt) == (cid(0), 2)
+
+
+def test_attempts_are_counted_from_storage_so_jobs_that_vanish_unseen_are_retried_a_bounded_number_of_times() -> None:
+    """A Job deleted before any pass saw how it ended (TTL 0, operator down) used to be recreated as the same
+    attempt forever; with created markers it counts as a failed attempt (JobLost) once the grace is over."""
+    created = {cid(0): {1: 100.0}}
+    plan, _ = decide(RUN, [], prepared(created=created), ScriptedPlanner, now=110.0, lost_after=60.0)
+    assert plan.record == [] and (plan.create[0].cid, plan.create[0].attempt) == (cid(0), 1)  # not seen yet
+
+    plan, _ = decide(RUN, [job(cid(0), 1, "Running")], prepared(created=created), ScriptedPlanner, now=1000.0,
+                     lost_after=60.0)
+    assert plan.record == [] and plan.create[0].cid == cid(1)  # observed: running, not lost
+
+    plan, _ = decide(RUN, [], prepared(created=created), ScriptedPlanner, now=1000.0, lost_after=60.0)
+    assert [(f.key, f.attempt, f.reason) for f in plan.record] == [(cid(0), 1, "JobLost")]
+    assert (plan.create[0].cid, plan.create[0].attempt) == (cid(0), 2)
+
+    # attempt 2 vanished too: maxAttemptsPerCoalition=2 -> failed for good, and maxFailedCoalitions=0 fails the run
+    store = prepared(created={cid(0): {1: 100.0, 2: 200.0}}, failures={cid(0): {1: "JobLost"}})
+    plan, _ = decide(RUN, [], store, ScriptedPlanner, now=1000.0, lost_after=60.0)
+    assert [(f.attempt, f.reason) for f in plan.record] == [(2, "JobLost")]
+    assert plan.phase == "Failed" and plan.reason == "CoalitionsFailed" and "JobLost" in plan.message
+    assert all(r.attempt <= 2 for r in plan.create)
+
+    # a finished coalition's old marker is not a lost Job
+    plan, _ = decide(RUN, [], prepared([0], created=created), ScriptedPlanner, now=1000.0, lost_after=60.0)
+    assert plan.record == []
+
+    # prepare too
+    plan, _ = decide(RUN, [], StoreView(created={"prepare": {1: 0.0}}), ScriptedPlanner, now=1000.0)
+    assert [(f.key, f.reason) for f in plan.record] == [("prepare", "JobLost")]
+    assert [(r.step, r.attempt) for r in plan.create] == [("prepare", 2)]
+
+
+def test_a_job_the_api_server_refused_is_not_retried() -> None:
+    plan, _ = decide(RUN, [], prepared(failures={cid(0): {1: "JobRejected"}}), ScriptedPlanner)
+    assert plan.phase == "Failed" and plan.failed_for_good == [cid(0)] and "JobRejected" in plan.message
+    plan, _ = decide(RUN, [], StoreView(failures={"prepare": {1: "JobRejected"}}), ScriptedPlanner)
+    assert plan.phase == "Failed" and plan.reason == "PrepareFailed" and plan.create == []
 
 
 def test_suspend_starts_nothing() -> None:

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -10,7 +17,16 @@ from datacredit import layout
 from datacredit.local import execute
 from datacredit.runstate import open_run
 from datacredit.spec import parse_manifest
-from datacredit.storage import S3Options, S3Storage, StorageError, open_storage, read_json, upload_dir, write_json
+from datacredit.storage import (
+    S3Options,
+    S3Storage,
+    StorageError,
+    StorageUnavailable,
+    open_storage,
+    read_json,
+    upload_dir,
+    write_json,
+)
 from tests.infra.s3server import S3Server
 from tests.tiny import CONTRIBUTORS, TinyData, tiny_manifest
 
@@ -41,6 +57,92 @@ def test_wrong_credentials_and_missing_bucket(s3_server: S3Server, s3_env: S3Opt
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server.secret_key)
     with pytest.raises(StorageError, match="does not exist"):
         open_storage("s3://no-such-bucket/x", s3_env).list()
+
+
+def test_an_outage_is_waited_out_and_a_longer_one_ends_the_worker_with_its_own_exit_code(
+        s3_server: S3Server, s3_env: S3Options) -> None:
+    """MinIO stopped and started again: a patient storage call backs off and succeeds once it is back; past
+    the patience it raises StorageUnavailable, and a worker exits with code 4 (the Job's retryable failure)."""
+    s3_server.make_bucket("outage")
+    patient = open_storage("s3://outage/run", dataclasses.replace(s3_env, patience=180))
+    write_json(patient, "run.json", {"manifest": {}})
+    done: dict[str, Any] = {}
+
+    def during() -> None:
+        try:
+            done["written"] = patient.write_bytes("during", b"2")
+            done["read"] = read_json(patient, "run.json")
+        except Exception as error:  # noqa: BLE001 (reported by the assertion below)
+            done["error"] = error
+
+    s3_server.stop()
+    try:
+        worker = threading.Thread(target=during)
+        worker.start()
+        time.sleep(8)
+        assert worker.is_alive() and not done, done  # still backing off, not failed
+    finally:
+        s3_server.start_again()  # from the main thread: the server dies with the thread that starts it
+    worker.join(120)
+    assert done == {"written": True, "read": {"manifest": {}}}
+
+    s3_server.stop()
+    try:
+        impatient = open_storage("s3://outage/run", dataclasses.replace(s3_env, patience=1))
+        started = time.monotonic()
+        with pytest.raises(StorageUnavailable, match="DATACREDIT_STORAGE_PATIENCE"):
+            impatient.read_bytes("run.json")
+        assert time.monotonic() - started < 60
+        env = {**os.environ, "DATACREDIT_STORAGE_PATIENCE": "1"}
+        cli = str(Path(sys.executable).parent / "datacredit")
+        proc = subprocess.run([cli, "worker", "coalition", "--run", "s3://outage/run", "--members", "0",
+                               "--endpoint", s3_server.endpoint, "--region", s3_server.region],
+                              env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 4, proc.stderr
+        assert "storage unavailable" in proc.stderr and "s3://outage/run" in proc.stderr
+    finally:
+        s3_server.start_again()
+
+
+@pytest.mark.workload
+def test_a_local_run_on_s3_survives_a_storage_outage(s3_server: S3Server, s3_env: S3Options,
+                                                     tiny_data: TinyData) -> None:
+    """MinIO stopped mid-run for 15 s: the local runner's workers back off, the run completes, and no
+    coalition is evaluated twice."""
+    s3_server.make_bucket("outage-run")
+    data = open_storage("s3://outage-run/data", s3_env)
+    upload_dir(data, "images", tiny_data.images)
+    upload_dir(data, "reference", tiny_data.reference)
+    storage = {"uri": "s3://outage-run/runs", "endpoint": s3_server.endpoint, "region": s3_server.region}
+    run = parse_manifest(tiny_manifest("tiny-outage", "s3://outage-run/data/images",
+                                       "s3://outage-run/data/reference", storage))
+    store = open_run(run).store
+    outcome: dict[str, Any] = {}
+
+    def go() -> None:
+        try:
+            outcome["doc"] = execute(run).results
+        except Exception as error:  # noqa: BLE001 (reported by the assertion below)
+            outcome["error"] = error
+
+    runner = threading.Thread(target=go)
+    runner.start()
+    deadline = time.monotonic() + 600
+    while not any(k.endswith("result.json") for k in store.list("coalitions")) and runner.is_alive():
+        assert time.monotonic() < deadline, "no coalition finished in 10 minutes"
+        time.sleep(0.5)
+    s3_server.stop()
+    try:
+        time.sleep(15)
+        assert runner.is_alive(), outcome  # waiting for storage, not failed
+    finally:
+        s3_server.start_again()
+    runner.join(900)
+    assert "doc" in outcome, outcome
+    keys = store.list("coalitions")
+    results = [k for k in keys if k.endswith("/result.json")]
+    assert len(results) == 16 and len(outcome["doc"]["contributors"]) == len(CONTRIBUTORS)
+    assert not [k for k in keys if "/attempt-2/" in k], "a coalition was evaluated twice"
 
 
 @pytest.mark.workload

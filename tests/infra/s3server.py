@@ -25,6 +25,9 @@ class S3Server:
     region: str
     data_dir: Path
     process: ManagedProcess = field(repr=False)
+    argv: list[str] = field(default_factory=list, repr=False)
+    env_vars: dict[str, str] = field(default_factory=dict, repr=False)
+    work_dir: Path | None = None
 
     def client(self) -> Any:
         """A boto3 S3 client for this server (path-style, SigV4, checksums only when required)."""
@@ -67,6 +70,12 @@ class S3Server:
         """Stop the server process (its data dir is left for inspection)."""
         self.process.stop()
 
+    def start_again(self) -> None:
+        """After `stop()`: the same server (port, keys, data) again, once ready. Call it from the main thread:
+        the child dies with the thread that starts it."""
+        assert self.work_dir is not None
+        self.process = _start(self.argv, self.env_vars, self.work_dir, self.endpoint)
+
 
 def start_s3_server(work_dir: Path, region: str = "us-east-1") -> S3Server:
     """Start MinIO with data and log under `work_dir`; return once it reports ready."""
@@ -96,8 +105,13 @@ def start_s3_server(work_dir: Path, region: str = "us-east-1") -> S3Server:
         f"127.0.0.1:{console_port}",
         data_dir,
     ]
-    process = ManagedProcess("minio", argv, work_dir / "minio.log", env=env, cwd=work_dir)
     endpoint = f"http://127.0.0.1:{port}"
+    process = _start(argv, env, work_dir, endpoint)
+    return S3Server(endpoint, access_key, secret_key, region, data_dir, process, argv, env, work_dir)
+
+
+def _start(argv: list[Any], env: dict[str, str], work_dir: Path, endpoint: str) -> ManagedProcess:
+    process = ManagedProcess("minio", argv, work_dir / "minio.log", env=env, cwd=work_dir)
 
     def ready() -> bool:
         with urllib.request.urlopen(f"{endpoint}/minio/health/ready", timeout=2) as response:
@@ -108,4 +122,4 @@ def start_s3_server(work_dir: Path, region: str = "us-east-1") -> S3Server:
     except BaseException:
         process.stop()
         raise
-    return S3Server(endpoint, access_key, secret_key, region, data_dir, process)
+    return process
