@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -27,6 +27,7 @@ out = Console()
 err = Console(stderr=True)
 
 EXIT_BAD_INPUT = 3  # bad manifest or data: retrying cannot help (Jobs fail fast on it)
+EXIT_STORAGE = 4  # storage unreachable for longer than the patience: an outage, worth retrying later
 
 
 def _load(path: Path) -> ValuationRun:
@@ -103,6 +104,156 @@ def report(
                   "(`datacredit run` resumes it)")
         raise typer.Exit(1) from None
     out.print(results_table(doc))
+
+
+PERIOD_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"  # one storage key segment
+
+
+def _bad(message: str) -> typer.Exit:
+    """Print a bad-input error and return the exit to raise."""
+    err.print(f"[red]cannot pay out:[/] {escape(message)}")
+    return typer.Exit(EXIT_BAD_INPUT)
+
+
+@app.command()
+def payout(
+    target: Annotated[str, typer.Argument(help="A finished run's URI (path or s3://) or the manifest that made it.")],
+    pool: Annotated[str, typer.Option(help="What to pay out this period, in currency units: 10000 or 10000.01.")],
+    currency: Annotated[str, typer.Option(help="ISO 4217 code; sets the minor unit (USD 2 decimals, JPY 0, "
+                                               "KWD 3).")] = "USD",
+    rule: Annotated[str, typer.Option(help="shapley | blend | lower-bound | pro-rata")] = "shapley",
+    alpha: Annotated[float | None, typer.Option(help="blend only: weight in [0, 1] of the image-count share "
+                                                     "(default: from the interval widths).")] = None,
+    floor: Annotated[str, typer.Option(help="Minimum payout in currency units; smaller amounts are carried over "
+                                            "to the next period.")] = "0",
+    period: Annotated[str | None, typer.Option(help="Name of this payout (default: today's UTC date, "
+                                                    "YYYY-MM-DD).")] = None,
+    carry: Annotated[str | None, typer.Option(help="The previous payout: its JSON file, or its period in this "
+                                                   "run's payouts/. What it carried over is paid first.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing payouts/PERIOD.json "
+                                                                "that differs.")] = False,
+) -> None:
+    """Split a pool among the contributors of a finished run, exact to the minor unit; write `payouts/PERIOD.*`.
+
+    Rules (negative values are clipped to 0 and reported, never charged):
+    **shapley** pays the share of the positive values; **pro-rata** the share of images; **blend**
+    α · image share + (1 − α) · value share, with α = clip(median half-width of the 95% intervals / median
+    |value|, 0, 1) unless `--alpha`; **lower-bound** pays on max(ci95 low, 0) and holds the rest of what the
+    values would pay in escrow. Amounts are integers of the minor unit, rounded by largest remainder so they
+    sum to the pool exactly. Below `--floor` a contributor gets nothing this period, its amount is carried over
+    (`--carry` adds it next period) and its share goes to the others. Reports contributors whose interval crosses
+    zero, near-duplicate images shared by contributors (prepare/dataset.npz) and, for exact runs, what splitting
+    into two halves would gain. Writes `payouts/PERIOD.json`, `.csv` and `.png` in the run.
+    """
+    import datetime
+    import json
+    import re
+    from fractions import Fraction
+
+    from . import layout
+    from .payout import RULES, PayoutError, carry_from, compute_payout, currency_exponent, parse_amount
+    from .payout_checks import contributor_names, duplicate_check, split_report
+    from .payout_report import PAYOUTS, document_bytes, payout_document, payout_table, save_payout
+    from .results import load_results
+    from .runstate import open_run
+    from .storage import StorageError, open_storage, read_json
+
+    period = period or datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d")
+    if not re.match(PERIOD_PATTERN, period):
+        raise _bad(f"--period {period!r}: use letters, digits, '.', '_' or '-' (at most 64), e.g. 2025-06")
+    if rule not in RULES:
+        raise _bad(f"unknown --rule {rule!r}; choose one of {', '.join(RULES)}")
+    if alpha is not None and (rule != "blend" or not 0 <= alpha <= 1):
+        raise _bad(f"--alpha {alpha} is outside [0, 1]" if rule == "blend" else "--alpha only applies to --rule blend")
+    try:
+        exponent = currency_exponent(currency)
+        pool_minor, floor_minor = parse_amount(pool, exponent, "--pool"), parse_amount(floor, exponent, "--floor")
+    except PayoutError as e:
+        raise _bad(str(e)) from None
+    if pool_minor <= 0:
+        raise _bad(f"--pool {pool!r} must be positive")
+    if "://" not in target and not Path(target).exists():
+        raise _bad(f"no such manifest or run folder: {target}")
+    try:
+        store = open_run(_load(Path(target))).store if Path(target).is_file() else open_storage(target)
+    except StorageError as e:
+        raise _bad(str(e)) from None
+    try:
+        results = load_results(store)
+    except FileNotFoundError:
+        raise _bad(f"no results/shapley.json in {store.uri}: is the run finished? (`datacredit run` resumes it)"
+                   ) from None
+    except StorageError as e:
+        err.print(f"[red]cannot read the run:[/] {escape(str(e))}")
+        raise typer.Exit(1) from None
+    carry_in, carry_source = {}, None
+    if carry:
+        carry_key = f"{PAYOUTS}/{carry}.json"
+        if carry == period:
+            raise _bad(f"--carry {carry!r} is the period being written")
+        try:
+            if Path(carry).is_file():
+                carry_doc, carry_source = json.loads(Path(carry).read_text()), str(Path(carry))
+            elif re.match(PERIOD_PATTERN, carry) and store.exists(carry_key):
+                carry_doc, carry_source = read_json(store, carry_key), carry_key
+            else:
+                raise _bad(f"--carry {carry!r}: no such file, and no {carry_key} in {store.uri}")
+            carry_in = carry_from(carry_doc, currency)
+        except (PayoutError, ValueError, AttributeError) as e:
+            raise _bad(f"--carry {carry!r}: {e}") from None
+    rows = results.get("contributors", [])
+    try:
+        result = compute_payout(rows, pool_minor=pool_minor, rule=rule, exponent=exponent, floor_minor=floor_minor,
+                                alpha=None if alpha is None else Fraction(repr(alpha)), carry_in=carry_in)
+    except PayoutError as e:
+        raise _bad(str(e)) from None
+    config_hash = next((read_json(store, key).get("configHash") for key in (layout.RUN, layout.MANIFEST)
+                        if store.exists(key)), None)
+    names = [r["name"] for r in rows]
+    checks = {"duplicates": duplicate_check(store, names)}
+    if store.exists(layout.UTILITIES) and store.exists(layout.MANIFEST):
+        order = contributor_names(store, names)[0]
+        images = {r["name"]: int(r.get("images", 0)) for r in rows}
+        utilities = [json.loads(line) for line in store.read_bytes(layout.UTILITIES).decode().splitlines() if line]
+        checks["split"] = split_report(utilities, order, [images.get(n, 0) for n in order])
+    else:
+        checks["split"] = {"status": "skipped", "note": "needs results/utilities.jsonl and manifest.json"}
+    doc = payout_document(results, result, period=period, currency=currency, exponent=exponent, run_uri=store.uri,
+                          config_hash=config_hash, alpha_given=alpha is not None, carry_source=carry_source,
+                          checks=checks)
+    key = f"{PAYOUTS}/{period}.json"
+    if store.exists(key) and store.read_bytes(key) != document_bytes(doc) and not overwrite:
+        raise _bad(f"{key} already exists in {store.uri} with other amounts or settings: choose another --period "
+                   "or pass --overwrite")
+    try:
+        written = save_payout(store, doc)
+    except StorageError as e:
+        err.print(f"[red]cannot write the payout:[/] {escape(str(e))}")
+        raise typer.Exit(1) from None
+    out.print(payout_table(doc))
+    _print_checks(doc)
+    out.print(f"payout: {escape(store.uri)}/{PAYOUTS}/ ({', '.join(k.rsplit('/', 1)[1] for k in written)})")
+
+
+def _print_checks(doc: dict[str, Any]) -> None:
+    """Flags and robustness checks of a payout, a line each."""
+    if doc["clipped"]:
+        err.print(f"[yellow]clipped to 0 (negative values, not charged):[/] {escape(', '.join(doc['clipped']))}")
+    if doc["crossesZero"]:
+        err.print(f"[yellow]95% interval crosses zero:[/] {escape(', '.join(doc['crossesZero']))}")
+    dup = doc["checks"]["duplicates"]
+    if dup["status"] != "ok":
+        err.print(f"[yellow]near duplicates not checked:[/] {escape(dup['note'])}")
+    else:
+        pairs = "; ".join(f"{p['a']} ~ {p['b']}: {p['imagePairs']} image pair(s)" for p in dup["pairs"][:5])
+        out.print(escape(f"near duplicates (dHash, ≤ {dup['threshold']} bits): {dup['imagesWithDuplicateElsewhere']}"
+                         f" of {dup['images']} images have one at another contributor" + (f" — {pairs}" if pairs
+                                                                                           else "")))
+    split = doc["checks"]["split"]
+    if split["status"] == "ok":
+        name, gain = max(((n, c["shapleyGain"]) for n, c in split["contributors"].items()), key=lambda x: x[1])
+        out.print(escape(f"split test: splitting into two substitute halves would change {name}'s Shapley total "
+                         f"by {gain:+.4g} (the most of any contributor); pro-rata is split-neutral"))
 
 
 @app.command()
@@ -289,13 +440,16 @@ def worker_prepare(
     """Load data, train or load the full model, prune, fine-tune on all data; write prepare/result.json."""
     from .dataset import DatasetError
     from .jobs.worker import run_prepare
-    from .storage import S3Options
+    from .storage import S3Options, StorageUnavailable
 
     try:
         run_prepare(run_uri, options=S3Options(endpoint=endpoint, region=region), progress=sys.stderr.isatty())
     except (DatasetError, SpecError) as e:
         err.print(f"[red]bad input:[/] {escape(str(e))}")
         raise typer.Exit(EXIT_BAD_INPUT) from None
+    except StorageUnavailable as e:
+        err.print(f"[red]storage unavailable:[/] {escape(str(e))}")
+        raise typer.Exit(EXIT_STORAGE) from None
 
 
 @worker.command("coalition")
@@ -309,7 +463,7 @@ def worker_coalition(
     """Fine-tune the sparsified model on a coalition, sample, score; write coalitions/<id>/result.json."""
     from .dataset import DatasetError
     from .jobs.worker import run_coalition
-    from .storage import S3Options
+    from .storage import S3Options, StorageUnavailable
 
     try:
         idx = [int(x) for x in members.split(",") if x.strip()]
@@ -321,6 +475,9 @@ def worker_coalition(
     except (DatasetError, SpecError) as e:
         err.print(f"[red]bad input:[/] {escape(str(e))}")
         raise typer.Exit(EXIT_BAD_INPUT) from None
+    except StorageUnavailable as e:
+        err.print(f"[red]storage unavailable:[/] {escape(str(e))}")
+        raise typer.Exit(EXIT_STORAGE) from None
     out.print(f"coalition {res['id']}: utility {res['utility']:.5f}")
 
 
