@@ -108,6 +108,7 @@ class StoreView:
     failures: dict[str, dict[int, str]] = field(default_factory=dict)  # key -> {attempt: reason}
     replicates: dict[str, list[float]] = field(default_factory=dict)  # coalition id -> replicate-seed utilities
     created: dict[str, dict[int, float]] = field(default_factory=dict)  # key -> {attempt: when its Job was created}
+    messages: dict[str, dict[int, str]] = field(default_factory=dict)  # key -> {attempt: failure message}
 
 
 @dataclass(frozen=True)
@@ -169,7 +170,7 @@ def _attempts(jobs: Iterable[JobView], store: StoreView, results: set[str], now:
     for key, marks in store.failures.items():
         a = per.setdefault(key, _Attempts())
         for attempt, reason in marks.items():
-            a.failed[attempt] = (reason, "")
+            a.failed[attempt] = (reason, store.messages.get(key, {}).get(attempt, ""))
             a.latest = max(a.latest, attempt)
     for key, created in store.created.items():
         a = per.setdefault(key, _Attempts())

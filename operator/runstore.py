@@ -48,6 +48,7 @@ class RunMemory:
     replicates: dict[str, list[float]] = field(default_factory=dict)
     failures: dict[str, dict[int, str]] = field(default_factory=dict)
     created: dict[str, dict[int, float]] = field(default_factory=dict)
+    messages: dict[str, dict[int, str]] = field(default_factory=dict)
     coalition_seconds: list[float] = field(default_factory=list)
     running_seen: set[str] = field(default_factory=set)
     failed_counted: set[str] = field(default_factory=set)
@@ -83,6 +84,7 @@ def _parse_markers(store: Storage, keys: list[str], memory: RunMemory, key_of: A
             doc = {}
         if parts[-1] == FAILED_MARKER:
             memory.failures.setdefault(owner, {})[attempt] = str(doc.get("reason", POD_FAILED))
+            memory.messages.setdefault(owner, {})[attempt] = str(doc.get("message", ""))[:2000]
         else:
             memory.created.setdefault(owner, {})[attempt] = float(doc.get("time", 0.0))
 
@@ -116,7 +118,8 @@ def read_store(store: Storage, memory: RunMemory) -> tuple[StoreView, dict[str, 
         memory.listed_once = True
     view = StoreView(memory.prepared, memory.contributors, dict(memory.utilities),
                      replicates=dict(memory.replicates), failures={k: dict(v) for k, v in memory.failures.items()},
-                     created={k: dict(v) for k, v in memory.created.items()})
+                     created={k: dict(v) for k, v in memory.created.items()},
+                     messages={k: dict(v) for k, v in memory.messages.items()})
     return view, fresh
 
 
