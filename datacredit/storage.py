@@ -36,6 +36,8 @@ class Storage(Protocol):
     def exists(self, key: str) -> bool: ...
     def list(self, prefix: str = "") -> list[str]: ...
     def child(self, prefix: str) -> Storage: ...
+    def upload_file(self, key: str, path: Path) -> None: ...
+    def download_file(self, key: str, path: Path) -> None: ...
 
 
 def _check_key(key: str) -> str:
@@ -43,6 +45,15 @@ def _check_key(key: str) -> str:
     if key.startswith("/") or any(p in ("..", "") for p in parts):
         raise InvalidKeyError(f"invalid storage key {key!r}")
     return key
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_umask()  # what open() would create: 0644 under the usual umask 022
 
 
 class LocalStorage:
@@ -66,6 +77,7 @@ class LocalStorage:
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        os.fchmod(fd, _FILE_MODE)  # mkstemp makes 0600; results are for the team to read
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         if if_absent:
@@ -95,6 +107,23 @@ class LocalStorage:
 
     def child(self, prefix: str) -> LocalStorage:
         return LocalStorage(self._path(prefix.strip("/")))
+
+    def upload_file(self, key: str, path: Path) -> None:
+        """Copy a local file to ``key`` (atomically), without reading it into memory."""
+        dest = self._path(key)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".tmp-")
+        os.close(fd)
+        shutil.copyfile(path, tmp)
+        os.chmod(tmp, _FILE_MODE)
+        os.replace(tmp, dest)
+
+    def download_file(self, key: str, path: Path) -> None:
+        """Copy ``key`` to a local file, without reading it into memory."""
+        try:
+            shutil.copyfile(self._path(key), path)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{self.uri}/{key}: not found") from None
 
 
 @dataclass(frozen=True)
@@ -276,6 +305,28 @@ class S3Storage:
     def child(self, prefix: str) -> S3Storage:
         return S3Storage(f"{self.uri}/{prefix.strip('/')}", self.options, self._client)
 
+    def upload_file(self, key: str, path: Path) -> None:
+        """boto3's managed upload: multipart above 8 MiB, streamed from disk, parts retried."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self._call("write", key, lambda: self._client.upload_file(str(path), self.bucket, self._key(key)))
+        except (ClientError, BotoCoreError) as e:
+            raise self._fail("write", key, e) from None
+
+    def download_file(self, key: str, path: Path) -> None:
+        """boto3's managed download: ranged parts streamed to disk."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self._call("read", key, lambda: self._client.download_file(self.bucket, self._key(key), str(path)))
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                raise FileNotFoundError(f"{self.uri}/{key}: not found") from None
+            raise self._fail("read", key, e) from None
+        except BotoCoreError as e:
+            raise self._fail("read", key, e) from None
+
 
 def open_storage(uri: str, options: S3Options | None = None) -> Storage:
     """Open a local path, file:// URI or s3:// URI."""
@@ -299,10 +350,10 @@ def write_json(store: Storage, key: str, obj: Any, *, if_absent: bool = False) -
 
 
 def upload_dir(store: Storage, prefix: str, directory: Path) -> None:
-    """Copy a local folder under a storage prefix."""
+    """Copy a local folder under a storage prefix (file by file, streamed: model weights can be GBs)."""
     for p in sorted(directory.rglob("*")):
         if p.is_file():
-            store.write_bytes(f"{prefix}/{p.relative_to(directory).as_posix()}", p.read_bytes())
+            store.upload_file(f"{prefix}/{p.relative_to(directory).as_posix()}", p)
 
 
 def download_dir(store: Storage, prefix: str, directory: Path) -> Path:
@@ -313,5 +364,5 @@ def download_dir(store: Storage, prefix: str, directory: Path) -> Path:
     for key in store.list(prefix):
         dest = directory / (key[len(prefix) + 1 :] if prefix else key)
         dest.parent.mkdir(parents=True, exist_ok=True)
-        dest.write_bytes(store.read_bytes(key))
+        store.download_file(key, dest)
     return directory

@@ -104,7 +104,7 @@ def _fetch(uri: str, field: str, options: S3Options) -> Path:
         if not final.exists():
             final.parent.mkdir(parents=True, exist_ok=True)
             tmp = final.with_name(f".{name}.{os.getpid()}")
-            tmp.write_bytes(open_storage(parent, options).read_bytes(name))
+            open_storage(parent, options).download_file(name, tmp)  # streamed: weights can be GBs
             os.replace(tmp, final)
         return final
     store = open_storage(uri, options)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -70,3 +71,21 @@ def test_uris_are_joined_by_segments_keeping_scheme_and_bucket(base: str, joined
 def test_uris_that_would_lose_or_escape_the_run_prefix_are_refused(base: str, part: str) -> None:
     with pytest.raises(ValueError):
         join_uri(base, part)
+
+
+def test_stored_files_are_readable_by_the_team_and_files_copy_without_loading(tmp_path: Path) -> None:
+    """mkstemp makes 0600 files; results are written with the mode open() would use (umask applies)."""
+    store = LocalStorage(tmp_path / "run")
+    store.write_bytes("results/shapley.json", b"{}")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (tmp_path / "run/results/shapley.json").stat().st_mode & 0o777 == 0o666 & ~mask
+    big = tmp_path / "weights.bin"
+    big.write_bytes(os.urandom(1 << 20))
+    store.upload_file("models/weights.bin", big)
+    assert (tmp_path / "run/models/weights.bin").stat().st_mode & 0o777 == 0o666 & ~mask
+    back = tmp_path / "back.bin"
+    store.download_file("models/weights.bin", back)
+    assert back.read_bytes() == big.read_bytes()
+    with pytest.raises(FileNotFoundError):
+        store.download_file("models/nope.bin", back)

@@ -48,6 +48,23 @@ def test_round_trip_and_conditional_put(s3_server: S3Server, s3_env: S3Options) 
         store.read_bytes("nope.json")
 
 
+def test_files_go_through_managed_multipart_transfers(s3_server: S3Server, s3_env: S3Options,
+                                                      tmp_path: Path) -> None:
+    """upload_file/download_file stream through boto3's transfer manager: 9 MiB is a multipart upload."""
+    s3_server.make_bucket("transfer-test")
+    store = open_storage("s3://transfer-test/models", s3_env)
+    big = tmp_path / "weights.bin"
+    big.write_bytes(os.urandom(9 << 20))
+    store.upload_file("unet/weights.bin", big)
+    head = s3_server.client().head_object(Bucket="transfer-test", Key="models/unet/weights.bin")
+    assert head["ContentLength"] == 9 << 20 and head["ETag"].strip('"').endswith("-2")  # two parts
+    back = tmp_path / "back.bin"
+    store.download_file("unet/weights.bin", back)
+    assert back.read_bytes() == big.read_bytes()
+    with pytest.raises(FileNotFoundError):
+        store.download_file("unet/nope.bin", back)
+
+
 def test_wrong_credentials_and_missing_bucket(s3_server: S3Server, s3_env: S3Options,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     s3_server.make_bucket("creds-test")
