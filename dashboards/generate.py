@@ -308,7 +308,7 @@ def operator_dashboard() -> dashboard.Dashboard:
             "Reconcile errors",
             "Reconcile errors per second.",
             "ops",
-            [query(f"sum(rate(datacredit_reconcile_errors_total{{{JOB}}}[$__rate_interval]))", "errors")],
+            [query(f'sum(rate(datacredit_reconcile_total{{{JOB},result="error"}}[$__rate_interval]))', "errors")],
             width=8,
         ),
         graph(

@@ -44,7 +44,8 @@ LAST_SUCCESS = Gauge("datacredit_run_last_success_timestamp_seconds", "When the 
                      ["namespace", "name"], registry=REGISTRY)
 RECONCILES = Counter("datacredit_reconcile", "Reconcile passes by result (success|error).", ["result"],
                      registry=REGISTRY)
-RECONCILE_ERRORS = Counter("datacredit_reconcile_errors", "Reconcile passes that raised.", registry=REGISTRY)
+for _result in ("success", "error"):  # both series exist from the start: "no errors" reads 0, not "no data"
+    RECONCILES.labels(_result)
 RECONCILE_SECONDS = Histogram("datacredit_reconcile_duration_seconds", "Seconds per reconcile pass.",
                               registry=REGISTRY)
 
@@ -143,6 +144,4 @@ def queue_wait(seconds: float) -> None:
 def reconciled(ok: bool, seconds: float) -> None:
     """Count a reconcile pass."""
     RECONCILES.labels("success" if ok else "error").inc()
-    if not ok:
-        RECONCILE_ERRORS.inc()
     RECONCILE_SECONDS.observe(seconds)

@@ -52,7 +52,6 @@ CONTRACT: dict[str, tuple[str, tuple[str, ...]]] = {
     "datacredit_coalition_attempts_total": ("counter", ("namespace", "reason")),
     "datacredit_coalitions_completed_total": ("counter", ("namespace", "result")),
     "datacredit_reconcile_total": ("counter", ("result",)),
-    "datacredit_reconcile_errors_total": ("counter", ()),
     "datacredit_coalition_duration_seconds": ("histogram", ("stage",)),
     "datacredit_coalition_queue_wait_seconds": ("histogram", ()),
     "datacredit_reconcile_duration_seconds": ("histogram", ()),

@@ -44,7 +44,6 @@ def test_names_and_run_series() -> None:
         "datacredit_coalition_queue_wait_seconds_count",
         'datacredit_run_last_success_timestamp_seconds{name="r1",namespace="ns1"}',
         'datacredit_reconcile_total{result="error"}',
-        "datacredit_reconcile_errors_total",
         "datacredit_reconcile_duration_seconds_bucket",
     ):
         assert line in text, line
