@@ -85,6 +85,11 @@ def run(
     for warning in outcome.results.get("warnings", []):
         err.print(f"[yellow]warning:[/] {escape(str(warning))}")
     out.print(f"results: {outcome.run.uri}/results/ (shapley.json, shapley.csv, values.png)")
+    paid = outcome.results.get("payout")
+    if paid and "document" in paid:
+        _print_payout(paid["document"], outcome.run.uri, paid["written"])
+    elif paid:
+        err.print(f"[yellow]payout (spec.payout) not made, the values are kept:[/] {escape(paid['error'])}")
 
 
 @app.command()
@@ -104,9 +109,6 @@ def report(
                   "(`datacredit run` resumes it)")
         raise typer.Exit(1) from None
     out.print(results_table(doc))
-
-
-PERIOD_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"  # one storage key segment
 
 
 def _bad(message: str) -> typer.Exit:
@@ -143,35 +145,22 @@ def payout(
     sum to the pool exactly. Below `--floor` a contributor gets nothing this period, its amount is carried over
     (`--carry` adds it next period) and its share goes to the others. Reports contributors whose interval crosses
     zero, near-duplicate images shared by contributors (prepare/dataset.npz) and, for exact runs, what splitting
-    into two halves would gain. Writes `payouts/PERIOD.json`, `.csv` and `.png` in the run.
+    into two halves would gain. Writes `payouts/PERIOD.json`, `.csv` and `.png` in the run. A manifest's
+    `spec.payout` makes the same payout when the run finishes.
     """
-    import datetime
-    import json
-    import re
-    from fractions import Fraction
+    import dataclasses
 
-    from . import layout
-    from .payout import RULES, PayoutError, carry_from, compute_payout, currency_exponent, parse_amount
-    from .payout_checks import contributor_names, duplicate_check, split_report
-    from .payout_report import PAYOUTS, document_bytes, payout_document, payout_table, save_payout
-    from .results import load_results
+    from .payout import PayoutError
+    from .payout_run import PayoutExists, PayoutParams, check_params, make_payout
     from .runstate import open_run
-    from .storage import StorageError, open_storage, read_json
+    from .storage import StorageError, open_storage
 
-    period = period or datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d")
-    if not re.match(PERIOD_PATTERN, period):
-        raise _bad(f"--period {period!r}: use letters, digits, '.', '_' or '-' (at most 64), e.g. 2025-06")
-    if rule not in RULES:
-        raise _bad(f"unknown --rule {rule!r}; choose one of {', '.join(RULES)}")
-    if alpha is not None and (rule != "blend" or not 0 <= alpha <= 1):
-        raise _bad(f"--alpha {alpha} is outside [0, 1]" if rule == "blend" else "--alpha only applies to --rule blend")
+    params = PayoutParams(pool=pool, currency=currency, rule=rule, alpha=alpha, floor=floor, period=period,
+                          carry=carry, overwrite=overwrite)
     try:
-        exponent = currency_exponent(currency)
-        pool_minor, floor_minor = parse_amount(pool, exponent, "--pool"), parse_amount(floor, exponent, "--floor")
+        params = dataclasses.replace(params, period=check_params(params).period)  # one date throughout
     except PayoutError as e:
         raise _bad(str(e)) from None
-    if pool_minor <= 0:
-        raise _bad(f"--pool {pool!r} must be positive")
     if "://" not in target and not Path(target).exists():
         raise _bad(f"no such manifest or run folder: {target}")
     try:
@@ -179,60 +168,24 @@ def payout(
     except StorageError as e:
         raise _bad(str(e)) from None
     try:
-        results = load_results(store)
-    except FileNotFoundError:
-        raise _bad(f"no results/shapley.json in {store.uri}: is the run finished? (`datacredit run` resumes it)"
-                   ) from None
-    except StorageError as e:
-        err.print(f"[red]cannot read the run:[/] {escape(str(e))}")
-        raise typer.Exit(1) from None
-    carry_in, carry_source = {}, None
-    if carry:
-        carry_key = f"{PAYOUTS}/{carry}.json"
-        if carry == period:
-            raise _bad(f"--carry {carry!r} is the period being written")
-        try:
-            if Path(carry).is_file():
-                carry_doc, carry_source = json.loads(Path(carry).read_text()), str(Path(carry))
-            elif re.match(PERIOD_PATTERN, carry) and store.exists(carry_key):
-                carry_doc, carry_source = read_json(store, carry_key), carry_key
-            else:
-                raise _bad(f"--carry {carry!r}: no such file, and no {carry_key} in {store.uri}")
-            carry_in = carry_from(carry_doc, currency)
-        except (PayoutError, ValueError, AttributeError) as e:
-            raise _bad(f"--carry {carry!r}: {e}") from None
-    rows = results.get("contributors", [])
-    try:
-        result = compute_payout(rows, pool_minor=pool_minor, rule=rule, exponent=exponent, floor_minor=floor_minor,
-                                alpha=None if alpha is None else Fraction(repr(alpha)), carry_in=carry_in)
+        record = make_payout(store, params)
+    except PayoutExists as e:
+        raise _bad(f"{e}: choose another --period or pass --overwrite") from None
     except PayoutError as e:
         raise _bad(str(e)) from None
-    config_hash = next((read_json(store, key).get("configHash") for key in (layout.RUN, layout.MANIFEST)
-                        if store.exists(key)), None)
-    names = [r["name"] for r in rows]
-    checks = {"duplicates": duplicate_check(store, names)}
-    if store.exists(layout.UTILITIES) and store.exists(layout.MANIFEST):
-        order = contributor_names(store, names)[0]
-        images = {r["name"]: int(r.get("images", 0)) for r in rows}
-        utilities = [json.loads(line) for line in store.read_bytes(layout.UTILITIES).decode().splitlines() if line]
-        checks["split"] = split_report(utilities, order, [images.get(n, 0) for n in order])
-    else:
-        checks["split"] = {"status": "skipped", "note": "needs results/utilities.jsonl and manifest.json"}
-    doc = payout_document(results, result, period=period, currency=currency, exponent=exponent, run_uri=store.uri,
-                          config_hash=config_hash, alpha_given=alpha is not None, carry_source=carry_source,
-                          checks=checks)
-    key = f"{PAYOUTS}/{period}.json"
-    if store.exists(key) and store.read_bytes(key) != document_bytes(doc) and not overwrite:
-        raise _bad(f"{key} already exists in {store.uri} with other amounts or settings: choose another --period "
-                   "or pass --overwrite")
-    try:
-        written = save_payout(store, doc)
     except StorageError as e:
-        err.print(f"[red]cannot write the payout:[/] {escape(str(e))}")
+        err.print(f"[red]cannot pay out (storage):[/] {escape(str(e))}")
         raise typer.Exit(1) from None
+    _print_payout(record.doc, store.uri, record.written)
+
+
+def _print_payout(doc: dict[str, Any], uri: str, written: list[str]) -> None:
+    """The payout table, its flags and checks, and where it was written."""
+    from .payout_report import PAYOUTS, payout_table
+
     out.print(payout_table(doc))
     _print_checks(doc)
-    out.print(f"payout: {escape(store.uri)}/{PAYOUTS}/ ({', '.join(k.rsplit('/', 1)[1] for k in written)})")
+    out.print(f"payout: {escape(uri)}/{PAYOUTS}/ ({', '.join(k.rsplit('/', 1)[1] for k in written)})")
 
 
 def _print_checks(doc: dict[str, Any]) -> None:

@@ -22,6 +22,7 @@ SHORT_NAMES = ["vrun", "vruns"]
 CATEGORIES = ["datacredit", "all-valuations"]
 PHASES = ["Pending", "Preparing", "Evaluating", "Suspended", "Succeeded", "Failed"]
 TOP_N = 10
+PAYOUT_TOP_N = 3
 
 DNS1123_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"  # no \ for CEL
 _KEEP = (  # the keywords kept, in the order they are written
@@ -91,6 +92,13 @@ SPEC_RULES: dict[str, list[dict[str, str]]] = {
             "fieldPath": ".serviceAccountName",
         },
     ],
+    "payout": [
+        {
+            "rule": "self.rule == 'blend' || !has(self.alpha)",
+            "message": "alpha only applies to rule blend",
+            "fieldPath": ".alpha",
+        }
+    ],
     "": [
         {
             "rule": f"{field} == oldSelf.{field.removeprefix('self.')}",
@@ -102,6 +110,13 @@ SPEC_RULES: dict[str, list[dict[str, str]]] = {
     ],
 }
 STORAGE_REQUIRED = ["uri"]  # no local default on a cluster: see the storage rule
+# Amounts are decimal strings or integers (a YAML float is not exact money): int-or-string in the CRD, a string
+# that must be a decimal (pool: a positive one), an integer at least the minimum. The spec model checks the rest
+# (the currency's decimals, floor <= pool).
+AMOUNTS = {
+    "payout.pool": (r"^([0-9]*[1-9][0-9]*([.][0-9]+)?|[0-9]+[.][0-9]*[1-9][0-9]*)$", 1),
+    "payout.floor": (r"^[0-9]+([.][0-9]+)?$", 0),
+}
 
 
 def _without_nulls(value: Any) -> Any:
@@ -113,9 +128,6 @@ def _without_nulls(value: Any) -> Any:
 def _convert(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
     """One JSON-Schema node (pydantic's) as a structural OpenAPI v3.0 node."""
     node = copy.deepcopy(node)
-    if "$ref" in node:
-        target = defs[node.pop("$ref").rsplit("/", 1)[-1]]
-        node = {**copy.deepcopy(target), **node}
     if "anyOf" in node:
         options = [o for o in node.pop("anyOf") if o.get("type") != "null"]
         if len(options) != 1:
@@ -123,6 +135,9 @@ def _convert(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
         node = {**options[0], **node, "nullable": True}
         if node.get("default", ...) is None:
             del node["default"]
+    if "$ref" in node:  # after anyOf: an optional section is anyOf [its $ref, null]
+        target = defs[node.pop("$ref").rsplit("/", 1)[-1]]
+        node = {**copy.deepcopy(target), **node}
     if "const" in node:
         node["enum"] = [node.pop("const")]
     for bound, plain in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):
@@ -173,6 +188,10 @@ def spec_schema() -> dict[str, Any]:
     schema["required"] = sorted({*schema.get("required", []), "storage"})
     for path, rules in SPEC_RULES.items():
         _at(schema, path)["x-kubernetes-validations"] = rules
+    for path, (pattern, minimum) in AMOUNTS.items():
+        node = _at(schema, path)
+        node.pop("type")
+        node.update({"x-kubernetes-int-or-string": True, "pattern": pattern, "minimum": minimum})
     return schema
 
 
@@ -182,7 +201,7 @@ def _condition_schema() -> dict[str, Any]:
         "type": "object",
         "required": ["type", "status"],
         "properties": {
-            "type": {**string, "description": "Prepared, Converged, Ready or Failed."},
+            "type": {**string, "description": "Prepared, Converged, Ready, Failed or PaidOut."},
             "status": {"type": "string", "enum": ["True", "False", "Unknown"]},
             "reason": string,
             "message": string,
@@ -242,6 +261,30 @@ def status_schema() -> dict[str, Any]:
                     "ok": {"type": "boolean", "description": "Pearson reaches the threshold (0.8)."},
                 },
             },
+            "payout": {
+                "type": "object",
+                "description": "The payout spec.payout asked for (payouts/<period>.json has every contributor), "
+                               "or why it could not be made (the values are kept).",
+                "properties": {
+                    "period": {"type": "string"},
+                    "rule": {"type": "string"},
+                    "currency": {"type": "string"},
+                    "total": {"type": "string", "description": "The pool, exact, in currency units."},
+                    "paid": {"type": "string"},
+                    "escrow": {"type": "string", "description": "Held until the intervals narrow (lower-bound)."},
+                    "top": {
+                        "type": "array",
+                        "maxItems": PAYOUT_TOP_N,
+                        "description": f"The {PAYOUT_TOP_N} largest amounts.",
+                        "items": {
+                            "type": "object",
+                            "required": ["contributor", "amount"],
+                            "properties": {"contributor": {"type": "string"}, "amount": {"type": "string"}},
+                        },
+                    },
+                    "error": {"type": "string", "maxLength": 4000, "description": "Why no payout was made."},
+                },
+            },
             "results": {"type": "string", "description": "URI of results/ (shapley.json, shapley.csv)."},
             "conditions": {
                 "type": "array",
@@ -274,6 +317,8 @@ def build_crd() -> dict[str, Any]:
             {"name": "Max-Stderr", "type": "number", "jsonPath": ".status.estimate.maxStderr", "priority": 1},
             {"name": "Fidelity", "type": "number", "jsonPath": ".status.fidelity.pearson", "priority": 1,
              "description": "Pearson r of sparsified-FT with retrained utilities (datacredit calibrate)"},
+            {"name": "Payout", "type": "string", "jsonPath": ".status.payout.total", "priority": 1,
+             "description": "pool paid out by spec.payout (status.payout.currency)"},
             {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
         ],
         "schema": {

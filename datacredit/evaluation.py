@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -199,6 +199,29 @@ def pearson(x: Sequence[float], y: Sequence[float]) -> float:
     if len(a) < 3 or np.ptp(a) == 0 or np.ptp(b) == 0:
         return float("nan")
     return float(np.corrcoef(a, b)[0, 1])
+
+
+# ---------------------------------------------------------------- what payers use today
+
+
+PRO_RATA = "pro-rata (image count)"
+
+
+def pro_rata_scores(contributors: Sequence[Mapping[str, Any]]) -> np.ndarray:
+    """Each contributor's image count, in player order: the attribution of paying by volume
+    (`datacredit payout --rule pro-rata`). As a ranker it predicts a subset's utility by its image count, so
+    with equal counts its LDS is undefined (every test subset of a size has the same count)."""
+    return np.asarray([float(c.get("images", 0)) for c in contributors], dtype=float)
+
+
+def lds_by_ranker(rankers: Mapping[str, np.ndarray], tests: Mapping[float, Sequence[Sequence[int]]],
+                  observed: Mapping[float, dict[int, Sequence[float]]], method: str = "normal"
+                  ) -> dict[str, dict[str, Any]]:
+    """LDS of every ranker at every alpha (:func:`lds`); rankers with a non-finite score are left out, and so is
+    pro-rata when every contributor has as many images (it ranks no test subset: its LDS is undefined)."""
+    return {name: {str(a): lds(v, tests[a], observed[a], method).to_dict() for a in tests}
+            for name, v in rankers.items()
+            if np.isfinite(v).all() and not (name == PRO_RATA and np.ptp(v) == 0)}
 
 
 # ---------------------------------------------------------------- similarity baselines

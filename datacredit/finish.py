@@ -1,4 +1,5 @@
-"""Finishing a run, the same for both executors: the final estimate, results/ and results/utilities.jsonl."""
+"""Finishing a run, the same for both executors: the final estimate, results/, results/utilities.jsonl and the
+payout spec.payout asks for."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import numpy as np
 
 from . import layout
 from .calibration import fidelity_of
+from .payout_run import pay_after_finish
 from .planner import Planner
 from .results import build_results, save_results
 from .spec import ValuationRun
@@ -21,9 +23,12 @@ SUM_MEANS = ("the values sum to v(full) - v(∅): what the contributors' data ad
 
 def finish_run(store: Storage, run: ValuationRun, planner: Planner, contributors: list[dict[str, Any]],
                rows: list[dict[str, Any]], wall_seconds: float) -> dict[str, Any]:
-    """Write results/shapley.json, .csv, values.png and utilities.jsonl from the planner's final estimate.
+    """Write results/shapley.json, .csv, values.png and utilities.jsonl from the planner's final estimate, then
+    the payout of ``spec.payout`` (payouts/<period>.*), if any.
 
-    ``rows`` are the evaluated coalitions in plan order, ``{"members", "utility"[, "replicates"]}``.
+    ``rows`` are the evaluated coalitions in plan order, ``{"members", "utility"[, "replicates"]}``. Returns the
+    results document; with spec.payout it also holds ``payout``, :func:`~datacredit.payout_run.pay_after_finish`'s
+    outcome (not saved in shapley.json). A payout that cannot be made is reported there, never raised.
     """
     n = len(contributors)
     anchors = {len(r["members"]): float(r["utility"]) for r in rows if len(r["members"]) in (0, n)}
@@ -53,4 +58,7 @@ def finish_run(store: Storage, run: ValuationRun, planner: Planner, contributors
             row["seedStderr"] = by_name[row["name"]]
     save_results(store, doc)
     store.write_bytes(layout.UTILITIES, "".join(json.dumps(r) + "\n" for r in rows).encode())
+    payout = pay_after_finish(store, run)
+    if payout is not None:
+        doc["payout"] = payout
     return doc

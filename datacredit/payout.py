@@ -30,6 +30,7 @@ from fractions import Fraction
 from typing import Any, TypeVar
 
 RULES = ("shapley", "blend", "lower-bound", "pro-rata")
+PERIOD_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"  # a payout's name: one storage key segment, payouts/<period>.*
 #: ISO 4217 minor-unit exponents that differ from 2 (the default).
 EXPONENTS = {"JPY": 0, "KRW": 0, "VND": 0, "CLP": 0, "ISK": 0, "PYG": 0, "UGX": 0, "XAF": 0, "XOF": 0,
              "BHD": 3, "IQD": 3, "JOD": 3, "KWD": 3, "LYD": 3, "OMR": 3, "TND": 3}

@@ -45,13 +45,15 @@ def _gradient_bits(small: np.ndarray, axis: int) -> np.ndarray:
     return (-diff > DHASH_MARGIN).reshape(len(small), 64)
 
 
-def dhash(images: np.ndarray, chunk: int = 1024) -> np.ndarray:
+def dhash(images: np.ndarray, chunk: int = 1024, max_floats: int = 1 << 22) -> np.ndarray:
     """(N, 2) uint64 difference hashes of (N, C, H, W) or (N, H, W) uint8 images of any size: the row gradients
     of an 8 x 9 and the column gradients of a 9 x 8 area-averaged grayscale copy. The dead zone of
-    :data:`DHASH_MARGIN` keeps flat regions from flipping bits on noise."""
+    :data:`DHASH_MARGIN` keeps flat regions from flipping bits on noise. At most ``chunk`` images, and at most
+    ``max_floats`` pixel values, are converted to float at a time (large images: fewer a chunk)."""
     if images.ndim == 3:
         images = images[:, None]
     n, c, h, w = images.shape
+    chunk = max(1, min(chunk, max_floats // max(c * h * w, 1)))
     luma = np.array([0.299, 0.587, 0.114]) if c == 3 else np.full(c, 1.0 / c)
     rows8, cols9 = _area_matrix(h, 8), _area_matrix(w, 9).T
     rows9, cols8 = _area_matrix(h, 9), _area_matrix(w, 8).T
@@ -107,10 +109,28 @@ def contributor_names(store: Storage, fallback: Sequence[str]) -> tuple[list[str
     return sorted(fallback), "results (sorted by name, no manifest.json)"
 
 
-def duplicate_check(store: Storage, fallback_names: Sequence[str], threshold: int = DUP_DISTANCE) -> dict[str, Any]:
-    """:func:`near_duplicates` on the run's ``prepare/dataset.npz``; a ``status`` and ``note`` when it cannot run."""
+def decoded_bytes(store: Storage) -> int | None:
+    """The size of the run's decoded images (images x channels x resolution², from prepare/result.json and
+    manifest.json) without reading the dataset; None when the run does not say."""
+    try:
+        prep = read_json(store, layout.PREPARE_RESULT)
+        channels = read_json(store, layout.MANIFEST)["manifest"]["spec"]["dataset"].get("channels", 3)
+        return int(prep["images"]) * int(channels) * int(prep["resolution"]) ** 2
+    except (FileNotFoundError, ValueError, KeyError, TypeError, StorageError):
+        return None
+
+
+def duplicate_check(store: Storage, fallback_names: Sequence[str], threshold: int = DUP_DISTANCE,
+                    max_bytes: int | None = None) -> dict[str, Any]:
+    """:func:`near_duplicates` on the run's ``prepare/dataset.npz``; a ``status`` and ``note`` when it cannot run.
+    With ``max_bytes``, a dataset whose decoded images may be larger (or whose size the run does not say) is not
+    read: the check is ``skipped`` (a small process such as the operator's must not load a large dataset)."""
     if not store.exists(layout.DATASET):
         return {"status": "missing", "note": f"{layout.DATASET} not found in {store.uri}: near duplicates not checked"}
+    if max_bytes is not None and ((size := decoded_bytes(store)) is None or size > max_bytes):
+        about = "of unknown size" if size is None else f"about {size / 2**20:.0f} MiB decoded"
+        return {"status": "skipped", "note": f"{layout.DATASET} is {about}, more than the {max_bytes / 2**20:.0f} "
+                                             "MiB checked here: run `datacredit payout` where memory allows"}
     try:
         with np.load(io.BytesIO(store.read_bytes(layout.DATASET))) as z:
             images, owner = z["images"], np.asarray(z["owner"], dtype=np.int64)

@@ -2,16 +2,27 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic.alias_generators import to_camel
 
 from .layout import check_uri
+from .payout import PERIOD_PATTERN, PayoutError, currency_exponent, parse_amount
 
 API_VERSION = "datacredit.dev/v1alpha1"
 KIND = "ValuationRun"
@@ -301,6 +312,85 @@ class StorageSpec(_Model):
         return check_uri(v)
 
 
+def _amount_text(value: Any) -> Any:
+    """An amount given as a YAML number as its decimal text (``0.1`` stays ``"0.1"``); strings as they are."""
+    if isinstance(value, bool):
+        raise ValueError("expected a decimal amount such as 10000 or \"10000.50\", not true/false")
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return repr(value)
+    return value
+
+
+Amount = Annotated[str, BeforeValidator(_amount_text)]
+
+
+class PayoutSpec(_Model):
+    """Pay the contributors when the run finishes, as `datacredit payout` does: payouts/<period>.json, .csv, .png."""
+
+    currency: Annotated[
+        str, Field(pattern=r"^[A-Za-z]{3}$", description="ISO 4217 code; sets the minor unit (USD 2 decimals, "
+                                                          "JPY 0, KWD 3).")
+    ] = "USD"
+    pool: Annotated[
+        Amount, Field(description="What to pay out, in currency units, at most the currency's decimals: 10000 or "
+                                  "\"10000.50\" (a decimal in quotes: money is exact, a YAML float is not).")
+    ]
+    floor: Annotated[
+        Amount, Field(description="Minimum payout in currency units; smaller amounts are carried over to the "
+                                  "next period (`datacredit payout --carry`) and their share goes to the others.")
+    ] = "0"
+    rule: Annotated[
+        Literal["shapley", "blend", "lower-bound", "pro-rata"],
+        Field(description="shapley: share of the positive values; pro-rata: share of images; blend: alpha x image "
+                          "share + (1 - alpha) x value share; lower-bound: pays on max(ci95 low, 0), the rest in "
+                          "escrow."),
+    ] = "shapley"
+    alpha: Annotated[
+        float | None,
+        Field(ge=0, le=1, description="blend only: weight of the image-count share; empty: from the interval "
+                                      "widths."),
+    ] = None
+    period: Annotated[
+        str | None,
+        Field(pattern=PERIOD_PATTERN, description="Name of the payout (payouts/<period>.*), e.g. 2025-06; empty: "
+                                                  "the UTC date the run finished."),
+    ] = None
+
+    @field_validator("period", mode="before")
+    @classmethod
+    def _date_text(cls, v: Any) -> Any:
+        """An unquoted YAML date (``period: 2025-06-30``) as its text."""
+        return v.isoformat() if isinstance(v, dt.date) and not isinstance(v, dt.datetime) else v
+
+    @field_validator("pool", "floor")
+    @classmethod
+    def _minor_units(cls, v: str, info: ValidationInfo) -> str:
+        if "currency" not in info.data:  # the currency is invalid (and reported): no minor unit to check against
+            return v
+        try:
+            minor = parse_amount(v, currency_exponent(info.data["currency"]), info.field_name or "amount")
+        except PayoutError as e:
+            raise ValueError(str(e)) from None
+        if info.field_name == "pool" and minor <= 0:
+            raise ValueError(f"pool {v!r} must be positive")
+        if info.field_name == "floor":
+            if minor < 0:
+                raise ValueError(f"floor {v!r} must not be negative")
+            pool = info.data.get("pool")
+            if pool is not None and minor > parse_amount(pool, currency_exponent(info.data["currency"])):
+                raise ValueError(f"floor {v!r} is more than the pool {pool!r}")
+        return v
+
+    @field_validator("alpha")
+    @classmethod
+    def _blend_only(cls, v: float | None, info: ValidationInfo) -> float | None:
+        if v is not None and info.data.get("rule", "blend") != "blend":
+            raise ValueError(f"alpha only applies to rule blend (rule is {info.data['rule']!r})")
+        return v
+
+
 class ValuationRunSpec(_Model):
     """What to value, with which method, where."""
 
@@ -313,6 +403,12 @@ class ValuationRunSpec(_Model):
     storage: StorageSpec = StorageSpec()
     seed: Annotated[int, Field(ge=0, le=2**31 - 1, description="Seed of training, fine-tuning and sampling.")] = 0
     suspend: Annotated[bool, Field(description="Stop starting new Jobs (operator only).")] = False
+    payout: Annotated[
+        PayoutSpec | None,
+        Field(description="Pay the contributors from the values when the run finishes (payouts/ in storage; "
+                          "the operator shows a summary in status.payout). Not part of the config hash: "
+                          "changing it re-runs no coalition."),
+    ] = None
 
 
 class Metadata(BaseModel):
@@ -334,7 +430,8 @@ class ValuationRun(BaseModel):
     status: dict[str, Any] | None = None
 
     def config_hash(self) -> str:
-        """Hash of everything that changes utilities (not execution or storage): names the run and coalitions."""
+        """Hash of everything that changes utilities (not execution, storage or payout): names the run and
+        coalitions."""
         s = self.spec
         keyed = {k: getattr(s, k).model_dump(mode="json") for k in ("model", "dataset", "property", "method")}
         keyed["seed"] = s.seed

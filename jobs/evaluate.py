@@ -9,8 +9,9 @@ Ground truth (stored in the run under ``evaluation/``, reused by every later cal
 
 Rankers compared: the run's sparsified-FT Shapley values, FT-Shapley and retraining Shapley at the same compute
 budget as the sparsified-FT run (counted work: forward passes weighted by model size, see ``BUDGET_RULE``; seconds
-are reported beside it), leave-one-out by retraining, and pixel / embedding similarity of each contributor's images
-to the full model's samples.
+are reported beside it), leave-one-out by retraining, pixel / embedding similarity of each contributor's images
+to the full model's samples, and pro-rata: each contributor's image count, what payers use today (LDS only: its
+ranking needs no compute, and its counterfactual would cost retrains of its own).
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ BUDGET_RULE = ("equal counted work: forward passes of training (steps × batch, 
                "their summed work stays within sparsified-FT's (pruned fine-tuning plus all its coalition evaluations)")
 SUPPORTED_FAMILIES = ("ddpm",)
 BASELINES = ("loo", "ft-shapley", "retrain-shapley", "pixel", "embedding")
+LDS_ONLY = (ev.PRO_RATA,)  # rankers without a counterfactual (it would retrain for them alone)
 
 
 class EvaluationError(ValueError):
@@ -275,7 +277,8 @@ def evaluate(run_uri: str, settings: EvalSettings, *, options: S3Options | None 
         names = [c["name"] for c in manifest["contributors"]]
         n, seed0 = len(names), run.spec.seed
         seeds = [seed0 + k for k in range(settings.seeds)]
-        rankers: dict[str, np.ndarray] = {"sparsified-FT Shapley": _values_of_run(store, names)}
+        rankers: dict[str, np.ndarray] = {"sparsified-FT Shapley": _values_of_run(store, names),
+                                          ev.PRO_RATA: ev.pro_rata_scores(manifest["contributors"])}
         budgets: dict[str, dict[str, Any]] = {}
         planned = {tuple(r.members) for r in _run_rows(store)}  # the run's own coalitions, not evaluate's
         coalitions = [c for c in (read_json(store, k) for k in store.list("coalitions") if k.endswith("/result.json"))
@@ -310,14 +313,13 @@ def evaluate(run_uri: str, settings: EvalSettings, *, options: S3Options | None 
             rows = gt.get("retrain", [(s, sd) for sd in seeds for s in subs], f"LDS α={a} retrains")
             observed[a] = {sd: [r.utility for r in rows[k * len(subs):(k + 1) * len(subs)]]
                            for k, sd in enumerate(seeds)}
-        lds = {name: {str(a): ev.lds(v, tests[a], observed[a], settings.interval).to_dict() for a in settings.alphas}
-               for name, v in rankers.items() if np.isfinite(v).all()}
+        lds = ev.lds_by_ranker(rankers, tests, observed, settings.interval)
 
         # counterfactual: remove top / bottom fraction, retrain with every seed, vs. the full set
         full_rows = gt.get("retrain", [(full, sd) for sd in seeds], "full-set retrains")
         counterfactual: dict[str, Any] = {}
         for name, v in rankers.items():
-            if not np.isfinite(v).all():
+            if not np.isfinite(v).all() or name in LDS_ONLY:
                 continue
             counterfactual[name] = {}
             for which in ("top", "bottom"):
@@ -392,6 +394,8 @@ def report_tables(report: dict[str, Any]) -> list[Any]:
         t.add_row(name, *(str(ev.Interval(d["mean"], *d["ci95"])) for d in (by_alpha[str(a)] for a in alphas)),
                   *spend)
     t.caption = "budget: equal counted work (training image = 3 forward passes), not seconds"
+    if ev.PRO_RATA in report["values"] and ev.PRO_RATA not in report["lds"]:
+        t.caption += f"\n{ev.PRO_RATA}: every contributor has as many images, so it ranks no subset (no LDS)"
     c = Table(title=f"Counterfactual ΔF (%) vs. the full set, removing {report['settings']['fraction']:.0%}")
     c.add_column("ranker")
     c.add_column("remove top", justify="right")

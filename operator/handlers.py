@@ -30,7 +30,17 @@ from . import metrics
 from .jobs import LABEL_RUN_UID, PREPARE, JobRequest, RunRef, job_name, render_job
 from .reconcile import FAILED, LOST_AFTER_SECONDS, REJECTED, RUNNING, SUCCEEDED, Plan, decide, job_view
 from .runstore import RunMemory, ensure_run_json, read_store, record_created, record_failure, write_results
-from .status import Estimate, build_status, estimate_of, failed_note, now_iso, set_condition, status_fidelity
+from .status import (
+    Estimate,
+    build_status,
+    estimate_of,
+    failed_note,
+    now_iso,
+    payout_patch,
+    set_condition,
+    status_fidelity,
+    status_payout,
+)
 
 INTERVAL_ENV = "DATACREDIT_RECONCILE_INTERVAL"
 RECONCILE_INTERVAL = float(os.environ.get(INTERVAL_ENV, "5"))
@@ -155,22 +165,37 @@ def _reconcile(body: kopf.Body, meta: dict[str, Any], old: dict[str, Any], uid: 
 
     names = [c["name"] for c in view.contributors]
     estimate = estimate_of(lambda: memory.planners.estimate(planner), names) if planner is not None else None
-    fidelity = None
+    fidelity = payout = None
     if plan.done and planner is not None:
         started = old.get("startTime")
         wall = now - dt.datetime.fromisoformat(started).timestamp() if started else 0.0
         try:
             doc = write_results(ref.store, run, planner, view.contributors, view.utilities, wall, view.replicates)
             fidelity = status_fidelity(doc)
+            payout = status_payout(doc.get("payout"))  # spec.payout, made by finish_run after the results
             for warning in doc.get("warnings", []):
                 log.warning("%s/%s: %s", namespace, name, warning)
+            _report_payout(body, payout, namespace, name)
             metrics.run_succeeded(namespace, name, now)
         except (ValueError, np.linalg.LinAlgError) as error:  # e.g. v(∅) failed for good: nothing to fit
             plan.phase, plan.reason, plan.done = FAILED, "EstimateFailed", False
             plan.message = f"cannot estimate Shapley values: {error}; {failed_note(plan)}"
     eta = _eta(plan, memory, run.spec.execution.parallelism)
     _finish(body, patch, old, plan, estimate, generation, results_uri, len(view.contributors), namespace, name,
-            eta, fidelity)
+            eta, fidelity, payout)
+
+
+def _report_payout(body: kopf.Body, payout: dict[str, Any] | None, namespace: str, name: str) -> None:
+    """An Event for the payout spec.payout asked for: PaidOut, or PayoutFailed (the run still succeeds)."""
+    if payout is None:
+        return
+    if "error" in payout:
+        log.warning("%s/%s: payout failed: %s", namespace, name, payout["error"])
+        kopf.warn(body, reason="PayoutFailed", message=f"no payout made (the values are kept): "
+                  f"{payout['error']}"[:1000])
+    else:
+        kopf.info(body, reason="PaidOut", message=f"{payout['total']} {payout['currency']} by {payout['rule']}: "
+                  f"payouts/{payout['period']}.json"[:1000])
 
 
 def _eta(plan: Plan, memory: RunMemory, parallelism: int) -> float | None:
@@ -186,10 +211,13 @@ def _eta(plan: Plan, memory: RunMemory, parallelism: int) -> float | None:
 
 def _finish(body: kopf.Body, patch: kopf.Patch, old: dict[str, Any], plan: Plan, estimate: Estimate | None,
             generation: int, results_uri: str, contributors: int, namespace: str, name: str,
-            eta: float | None = None, fidelity: dict[str, Any] | None = None) -> None:
+            eta: float | None = None, fidelity: dict[str, Any] | None = None,
+            payout: dict[str, Any] | None = None) -> None:
     status = build_status(plan, estimate, old, generation=generation, results_uri=results_uri,
-                          contributors=contributors, fidelity=fidelity)
+                          contributors=contributors, fidelity=fidelity, payout=payout)
     patch.status.update(status)
+    if payout is not None:  # the status is merge-patched: clear what an earlier payout left
+        patch.status["payout"] = payout_patch(payout)
     if old.get("phase") != plan.phase:
         message = plan.message or f"{status['progress']} coalitions evaluated"
         if plan.phase == FAILED:

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from datacredit.crd import TOP_N
+from datacredit.crd import PAYOUT_TOP_N, TOP_N
 from datacredit.ids import display_name
 
 from .reconcile import FAILED, SUCCEEDED, Plan
@@ -87,11 +87,38 @@ def status_fidelity(results: dict[str, Any] | None) -> dict[str, Any] | None:
     return out
 
 
+PAYOUT_FIELDS = ("period", "rule", "currency", "total", "paid", "escrow", "top", "error")
+
+
+def payout_patch(payout: dict[str, Any]) -> dict[str, Any]:
+    """``status.payout`` for a merge patch: the summary, with every field it lacks set to None (deleted), so
+    nothing of an earlier payout (say, its ``top`` after a failure) is left beside it."""
+    return {**{k: None for k in PAYOUT_FIELDS if k not in payout}, **payout}
+
+
+def status_payout(outcome: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The bounded payout summary of what finishing the run paid (the results document's ``payout``, from
+    ``spec.payout``): period, rule, currency, total (the pool), paid and escrow as exact decimal strings and the
+    3 largest amounts; ``{"period", "error"}`` when no payout was made; None when none was asked for."""
+    if not isinstance(outcome, dict):
+        return None
+    doc = outcome.get("document")
+    if not isinstance(doc, dict):
+        error = str(outcome.get("error") or "no payout document")
+        return {**({"period": str(outcome["period"])} if outcome.get("period") else {}), "error": error[:4000]}
+    paid = [e for e in doc.get("contributors", []) if e.get("amountMinor", 0) > 0]
+    return {"period": str(doc["period"]), "rule": str(doc["rule"]), "currency": str(doc["currency"]),
+            "total": str(doc["pool"]), "paid": str(doc["paid"]), "escrow": str(doc["escrow"]),
+            "top": [{"contributor": display_name(str(e["name"])), "amount": str(e["amount"])}
+                    for e in paid[:PAYOUT_TOP_N]]}
+
+
 def build_status(plan: Plan, estimate: Estimate | None, old: dict[str, Any], *, generation: int,
                  results_uri: str, contributors: int, now: str | None = None,
-                 fidelity: dict[str, Any] | None = None) -> dict[str, Any]:
+                 fidelity: dict[str, Any] | None = None, payout: dict[str, Any] | None = None) -> dict[str, Any]:
     """The whole status from a Plan, the estimate and the previous status (for transition times).
-    ``fidelity`` is :func:`status_fidelity` of the results document, once the run has one."""
+    ``fidelity`` is :func:`status_fidelity` of the results document, once the run has one; ``payout`` is
+    :func:`status_payout` of it when spec.payout asked for one (with the PaidOut condition)."""
     now = now or now_iso()
     c = plan.counts
     status: dict[str, Any] = {
@@ -113,6 +140,8 @@ def build_status(plan: Plan, estimate: Estimate | None, old: dict[str, Any], *, 
         status["topContributor"] = status["top"][0]["contributor"] if status["top"] else ""
     if fidelity is not None:
         status["fidelity"] = fidelity
+    if payout is not None:
+        status["payout"] = payout
 
     conds = list(old.get("conditions") or [])
     prepared = contributors > 0
@@ -139,6 +168,13 @@ def build_status(plan: Plan, estimate: Estimate | None, old: dict[str, Any], *, 
                                   now)
         else:
             conds = set_condition(conds, "Ready", False, plan.phase, f"{status['progress']} coalitions evaluated",
+                                  generation, now)
+    if payout is not None:
+        if "error" in payout:
+            conds = set_condition(conds, "PaidOut", False, "PayoutFailed", payout["error"], generation, now)
+        else:
+            conds = set_condition(conds, "PaidOut", True, "PayoutWritten", f"{payout['total']} "
+                                  f"{payout['currency']} by {payout['rule']} in payouts/{payout['period']}.json",
                                   generation, now)
     status["conditions"] = conds
     return status

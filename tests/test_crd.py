@@ -41,7 +41,9 @@ def test_schema_is_structural() -> None:
     schema = build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
     for path, node in _walk(schema):
         assert not {"$ref", "anyOf", "oneOf", "allOf", "const", "title", "$defs"} & set(node), path
-        assert "type" in node or node.get("x-kubernetes-preserve-unknown-fields"), f"{path}: no type"
+        assert "type" in node or node.get("x-kubernetes-preserve-unknown-fields") or node.get(
+            "x-kubernetes-int-or-string"), f"{path}: no type"
+        assert not ("type" in node and node.get("x-kubernetes-int-or-string")), f"{path}: int-or-string has no type"
         assert node.get("additionalProperties") is not False, path
         assert not isinstance(node.get("exclusiveMinimum"), int | float) or isinstance(
             node["exclusiveMinimum"], bool), path
@@ -84,6 +86,29 @@ def test_schema_details() -> None:
     assert any("oldSelf.dataset" in r for r in rules)
 
 
+def test_payout_section_in_the_crd() -> None:
+    """Amounts are integers or decimal strings (a YAML float is not exact money); alpha only with blend."""
+    import re
+
+    nodes = dict(_walk(spec_schema()))
+    payout = nodes[".payout"]
+    assert payout["nullable"] is True and payout["required"] == ["pool"] and "default" not in payout
+    assert payout["description"] and all(n["description"] for k, n in nodes.items() if k.startswith(".payout."))
+    for key in (".payout.pool", ".payout.floor"):
+        assert nodes[key]["x-kubernetes-int-or-string"] is True and "type" not in nodes[key]
+    pool, floor = re.compile(nodes[".payout.pool"]["pattern"]), re.compile(nodes[".payout.floor"]["pattern"])
+    assert all(pool.match(v) for v in ("1", "10000", "10000.50", "0.01", "007"))
+    assert not any(pool.match(v) for v in ("0", "0.00", "-5", "1e3", "10,5", "", "1.", ".5"))
+    assert floor.match("0") and floor.match("2.50") and not floor.match("-1")
+    assert nodes[".payout.pool"]["minimum"] == 1 and nodes[".payout.floor"]["minimum"] == 0
+    assert nodes[".payout.floor"]["default"] == "0" and nodes[".payout.rule"]["default"] == "shapley"
+    assert nodes[".payout.rule"]["enum"] == ["shapley", "blend", "lower-bound", "pro-rata"]
+    assert nodes[".payout.alpha"]["maximum"] == 1 and nodes[".payout.period"]["pattern"]
+    assert [r["fieldPath"] for r in payout["x-kubernetes-validations"]] == [".alpha"]
+    immutable = {r["rule"] for r in nodes[""]["x-kubernetes-validations"]}
+    assert not any("payout" in r for r in immutable)  # a payout may change after the run: it re-runs nothing
+
+
 def test_names_columns_and_status() -> None:
     crd = build_crd()
     names = crd["spec"]["names"]
@@ -96,7 +121,8 @@ def test_names_columns_and_status() -> None:
     status = version["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]
     assert status["top"]["maxItems"] == 10
     assert {"phase", "conditions", "coalitions", "estimate", "results", "observedGeneration", "startTime",
-            "completionTime", "progress"} <= set(status)
+            "completionTime", "progress", "payout"} <= set(status)
+    assert status["payout"]["properties"]["top"]["maxItems"] == 3
 
 
 def test_yaml_round_trips() -> None:

@@ -245,6 +245,7 @@ def test_run_succeeds_with_local_values_columns_and_cleanup(
     api: client.ApiClient, operator: Operator, s3_server: S3Server, tiny_data: TinyData, tmp_path: Path,
 ) -> None:
     doc = _manifest(tiny_data, s3_server, "tiny-kernel", estimator="kernel", budget=8)
+    doc["spec"]["payout"] = {"pool": "1000.00", "currency": "EUR", "period": "2025-06"}  # paid when it succeeds
     started = time.monotonic()
     _create(api, doc)
     run = _wait_phase(api, "tiny-kernel", ("Succeeded", "Failed"), operator)
@@ -269,6 +270,14 @@ def test_run_succeeds_with_local_values_columns_and_cleanup(
     for name, value in _values(shapley).items():
         assert by_status[name] == pytest.approx(value, abs=1e-7)
 
+    # spec.payout: written next to the results by the operator, summarised in the status
+    assert status["payout"]["total"] == "1000.00" and status["payout"]["currency"] == "EUR", status["payout"]
+    assert status["payout"]["period"] == "2025-06" and conds["PaidOut"]["status"] == "True", conds
+    assert store.exists("payouts/2025-06.json") and store.exists("payouts/2025-06.csv")
+    paid = read_json(store, "payouts/2025-06.json")
+    assert paid["pool"] == "1000.00" and paid["paidMinor"] + paid["escrowMinor"] == 100_000
+    assert {e["name"] for e in paid["contributors"]} == set(CONTRIBUTORS)
+
     # the same manifest, run by the local executor (`datacredit run`, one torch thread per process as in the
     # pods, so the floating-point work is the same), gives the same values
     manifest = tmp_path / "tiny-kernel.yaml"
@@ -284,6 +293,7 @@ def test_run_succeeds_with_local_values_columns_and_cleanup(
     names = sorted(CONTRIBUTORS)
     np.testing.assert_allclose([_values(shapley)[n] for n in names], [_values(local)[n] for n in names],
                                rtol=1e-6, atol=1e-9)
+    assert read_json(local_store, "payouts/2025-06.json")["pool"] == "1000.00"  # the local executor pays too
 
     # (6) printer columns, as `kubectl get valuationruns` shows them (the API's Table form)
     response = api.call_api(f"/apis/{GROUP}/{VERSION}/namespaces/{NS}/{PLURAL}", "GET",
@@ -560,6 +570,14 @@ INVALID = [
     ("spec.storage", {"uri": "s3://"}, "spec.storage.uri"),
     ("spec.property", {"samples": 2}, "spec.property.samples"),
     ("spec.seed", -1, "spec.seed"),
+    ("spec.payout", {"pool": "0"}, "spec.payout.pool"),
+    ("spec.payout", {"pool": 0}, "spec.payout.pool"),
+    ("spec.payout", {"pool": 10.5}, "spec.payout.pool"),  # a YAML float is not exact money: quote it
+    ("spec.payout", {"pool": "10", "floor": "-1"}, "spec.payout.floor"),
+    ("spec.payout", {"pool": "10", "rule": "equal"}, "spec.payout.rule"),
+    ("spec.payout", {"pool": "10", "alpha": 0.5}, "spec.payout.alpha"),
+    ("spec.payout", {"pool": "10", "period": "../x"}, "spec.payout.period"),
+    ("spec.payout", {"rule": "shapley"}, "spec.payout.pool"),
     ("metadata.name", "n" * 64, "metadata.name"),
 ]
 
@@ -578,6 +596,16 @@ def test_invalid_manifests_are_refused_naming_the_field(api: client.ApiClient) -
             if error.status not in (400, 422) or field not in message:
                 problems.append(f"{path}={value!r}: {error.status} {message}")
     assert not problems, "\n".join(problems)
+
+
+def test_payout_amounts_are_integers_or_decimal_strings(api: client.ApiClient) -> None:
+    for payout in ({"pool": 100, "floor": 5}, {"pool": "0.01"}, {"pool": "10000.50", "floor": "0", "rule": "blend",
+                                                                "alpha": 0.5, "period": "2025-06"}):
+        doc = with_change(GOOD, "spec.payout", payout)
+        created = _custom(api).create_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, doc, dry_run="All",
+                                                               field_validation="Strict")
+        assert created["spec"]["payout"]["pool"] == payout["pool"]  # as written: no float ever stands for money
+        assert created["spec"]["payout"]["currency"] == "USD" and created["spec"]["payout"]["rule"]
 
 
 def test_spec_fields_that_name_the_coalitions_are_immutable(api: client.ApiClient) -> None:

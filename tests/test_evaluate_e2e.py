@@ -36,6 +36,9 @@ def test_evaluate_stores_and_reuses_ground_truth(tiny_data: TinyData, tmp_path: 
     n = len(CONTRIBUTORS)
     assert first["retrainedNow"] > 0
     assert {"sparsified-FT Shapley", "LOO (retrain)", "FT-Shapley", "pixel-max", "embedding-mean"} <= set(first["lds"])
+    # pro-rata beside them: 24 images each (bob's corrupt one skipped) rank no subset, so it has no LDS row
+    assert first["values"][ev.PRO_RATA] == [24.0] * n and ev.PRO_RATA not in first["lds"]
+    assert ev.PRO_RATA not in first["counterfactual"]  # LDS only: no retrains of its own
     assert first["budget"]["retrain Shapley"]["coalitions"] >= 1
     # equal compute is counted work (forward passes x model size), the same rule for every ranker
     spent = first["budget"]
@@ -74,6 +77,7 @@ def test_evaluate_stores_and_reuses_ground_truth(tiny_data: TinyData, tmp_path: 
                                    "--fraction", "0.25"])  # default --baselines: all five
     assert res.exit_code == 0, res.output
     assert "LDS" in res.output and "retrained now: 0" in res.output
+    assert "as many images" in " ".join(res.output.split())  # why the pro-rata row is missing
     assert "equal counted work" in " ".join(res.output.split())
 
 

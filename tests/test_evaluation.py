@@ -128,3 +128,29 @@ def test_equal_budget_never_gives_a_ranker_more_than_its_share() -> None:
     assert ev.equal_budget_plan(w, "retrain", sizes, budget) == 1  # ∅ (80), then a retrain (1040) is too much
     assert ev.coalitions_within_budget([1.0, 1.0, 1.0], 2.5) == 2
     assert ev.coalitions_within_budget([], 1.0) == 0
+
+
+def test_pro_rata_ranker_is_the_image_count_in_player_order() -> None:
+    contributors = [{"name": "a", "images": 30}, {"name": "b", "images": 10}, {"name": "c"}]
+    scores = ev.pro_rata_scores(contributors)
+    assert scores.tolist() == [30.0, 10.0, 0.0] and scores.dtype == float
+    subs = [(0,), (1,), (2,)]
+    assert ev.lds(scores, subs, {0: [3.0, 2.0, 1.0]}).mean == pytest.approx(100.0)  # more images, more utility
+    equal = ev.pro_rata_scores([{"images": 5}] * 4)
+    assert math.isnan(ev.lds(equal, ev.datamodel_subsets(4, 0.5, 4), {0: [1.0, 2.0, 3.0, 4.0]}).mean)
+
+
+
+def test_lds_by_ranker_shows_pro_rata_next_to_shapley() -> None:
+    rng = np.random.default_rng(1)
+    images = np.asarray([40.0, 10.0, 25.0, 5.0, 30.0, 15.0])
+    tests = {0.5: ev.datamodel_subsets(6, 0.5, 12, seed=0)}
+    observed = {0.5: {s: [images[list(m)].sum() + rng.normal() for m in tests[0.5]] for s in (0, 1)}}
+    rankers = {"sparsified-FT Shapley": -images, ev.PRO_RATA: ev.pro_rata_scores([{"images": k} for k in images]),
+               "broken": np.asarray([np.nan] * 6)}
+    out = ev.lds_by_ranker(rankers, tests, observed)
+    assert list(out) == ["sparsified-FT Shapley", ev.PRO_RATA]  # the pro-rata row, in the rankers' order
+    assert out[ev.PRO_RATA]["0.5"]["mean"] > 80 > -80 > out["sparsified-FT Shapley"]["0.5"]["mean"]
+    assert len(out[ev.PRO_RATA]["0.5"]["perSeed"]) == 2
+    equal = {**rankers, ev.PRO_RATA: ev.pro_rata_scores([{"images": 7}] * 6)}
+    assert ev.PRO_RATA not in ev.lds_by_ranker(equal, tests, observed)  # equal counts rank no subset

@@ -103,6 +103,50 @@ def test_a_run_from_prepare_to_results(env: dict[str, Any]) -> None:
     assert _tick(env, status, []) == status and len(FakeBatch.created) == created
 
 
+def _run_to_the_end(env: dict[str, Any], utilities: dict[tuple[int, ...], float]) -> dict[str, Any]:
+    """Prepare, then every coalition of the exact 2-player run, then the pass that writes the results."""
+    store = env["store"]
+    status = _tick(env, {}, [])
+    config_hash = read_json(store, layout.RUN)["configHash"]
+    write_json(store, layout.MANIFEST, {"contributors": CONTRIBUTORS})
+    write_json(store, layout.PREPARE_RESULT, {"summary": "ok"})
+    status = _tick(env, status, [_finished(FakeBatch.created[0])])
+    for members, u in utilities.items():
+        cid = coalition_id([CONTRIBUTORS[i]["id"] for i in members], config_hash)
+        write_json(store, layout.coalition_result(cid), {"utility": u, "seconds": {"total": 1.0}})
+    return _tick(env, status, [])
+
+
+def test_spec_payout_is_paid_when_the_run_succeeds_and_summarised_in_the_status(env: dict[str, Any]) -> None:
+    env["body"]["spec"]["payout"] = {"pool": "1000.01", "period": "2025-06"}
+    status = _run_to_the_end(env, {(): 0.0, (0,): 1.0, (1,): 2.0, (0, 1): 4.0})  # values 1.5 and 2.5
+    assert status["phase"] == "Succeeded", status
+    assert status["payout"].pop("error", "absent") is None  # deleted by the merge patch, should one be there
+    assert status["payout"] == {"period": "2025-06", "rule": "shapley", "currency": "USD", "total": "1000.01",
+                                "paid": "1000.01", "escrow": "0.00",
+                                "top": [{"contributor": "bob", "amount": "625.01"},
+                                        {"contributor": "ann", "amount": "375.00"}]}
+    conds = {c["type"]: c for c in status["conditions"]}
+    assert conds["PaidOut"]["status"] == "True" and conds["Ready"]["status"] == "True"
+    assert read_json(env["store"], "payouts/2025-06.json")["paidMinor"] == 100_001
+    assert ("PaidOut", "1000.01 USD by shapley: payouts/2025-06.json") in env["events"]
+
+
+def test_a_payout_that_cannot_be_made_does_not_fail_the_run(env: dict[str, Any]) -> None:
+    env["body"]["spec"]["payout"] = {"pool": "100", "period": "2025-06"}
+    status = _run_to_the_end(env, {(): 0.0, (0,): -1.0, (1,): -2.0, (0, 1): -3.0})  # nobody has a positive value
+    assert status["phase"] == "Succeeded", status
+    assert {k: v for k, v in status["payout"].items() if v is not None} == {
+        "period": "2025-06", "error": "nothing to pay on: no contributor has a positive value"}
+    assert status["payout"]["top"] is None and status["payout"]["total"] is None  # cleared: no stale summary
+    conds = {c["type"]: c for c in status["conditions"]}
+    assert conds["PaidOut"]["status"] == "False" and conds["PaidOut"]["reason"] == "PayoutFailed"
+    assert status["top"] and env["store"].exists("results/shapley.json")  # the values stay
+    assert [m for reason, m in env["events"] if reason == "PayoutFailed"] == [
+        "no payout made (the values are kept): nothing to pay on: no contributor has a positive value"]
+    assert not env["store"].exists("payouts/2025-06.json")
+
+
 def test_failed_prepare_is_recorded_and_retried(env: dict[str, Any]) -> None:
     _tick(env, {}, [])
     failed = {**FakeBatch.created[0], "status": {"conditions": [

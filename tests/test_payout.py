@@ -16,8 +16,9 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from datacredit import layout
+from datacredit import layout, payout_run
 from datacredit.cli import app
+from datacredit.finish import finish_run
 from datacredit.payout import (
     PayoutError,
     apportion,
@@ -41,8 +42,8 @@ from datacredit.payout_checks import (
     split_report,
 )
 from datacredit.results import build_results, save_results
-from datacredit.runstate import open_run
-from datacredit.spec import load_manifest
+from datacredit.runstate import member_indices, open_run, planner_for, utility_row
+from datacredit.spec import load_manifest, parse_manifest
 from datacredit.storage import Storage, open_storage, read_json, write_json
 
 runner = CliRunner()
@@ -421,3 +422,86 @@ def test_cli_without_results_is_bad_input(tmp_path: Path) -> None:
     res = runner.invoke(app, ["payout", str(tmp_path / "empty"), "--pool", "100"])
     assert res.exit_code == 3 and "no results/shapley.json" in res.output
     assert runner.invoke(app, ["payout", str(tmp_path / "nowhere"), "--pool", "100"]).exit_code == 3
+
+
+# ---------------------------------------------------------------- spec.payout: made when the run finishes
+
+
+def finish_exact(tmp_path: Path, payout: dict[str, Any] | None, values: tuple[float, ...] = (3.0, 1.0, -0.5)
+                 ) -> tuple[Storage, dict[str, Any]]:
+    """A hand-made exact run of three additive contributors finished through the shared finish path (no
+    training): manifest.json, then :func:`finish_run` as both executors call it."""
+    run = parse_manifest({
+        "apiVersion": "datacredit.dev/v1alpha1", "kind": "ValuationRun", "metadata": {"name": "tiny"},
+        "spec": {"dataset": {"images": str(tmp_path / "images")},
+                 "estimator": {"name": "exact", "budget": 8, "replicates": {"seeds": 0}},
+                 "storage": {"uri": str(tmp_path / "runs")}, **({"payout": payout} if payout else {})}})
+    store = open_run(run).store
+    contributors = [{"name": n, "id": f"id-{n}", "images": k} for n, k in (("alice", 10), ("bob", 30),
+                                                                           ("carol", 60))][: len(values)]
+    write_json(store, layout.RUN, {"manifest": run.to_manifest(), "configHash": run.config_hash()})
+    write_json(store, layout.MANIFEST, {"contributors": contributors, "configHash": run.config_hash()})
+    planner = planner_for(run, len(values))
+    rows = []
+    for coalition in planner.sequence:
+        members = member_indices(coalition)
+        utility = sum(values[i] for i in members)
+        planner.tell(coalition, utility)
+        rows.append(utility_row(members, utility, []))
+    return store, finish_run(store, run, planner, contributors, rows, 1.0)
+
+
+def test_spec_payout_is_written_by_the_finish_path_as_the_cli_writes_it(tmp_path: Path) -> None:
+    store, doc = finish_exact(tmp_path, {"pool": "100.00", "period": "2025-06"})
+    outcome = doc["payout"]
+    assert outcome["written"][:2] == ["payouts/2025-06.json", "payouts/2025-06.csv"]
+    assert store.exists("payouts/2025-06.json") and store.exists("payouts/2025-06.csv")
+    paid = read_json(store, "payouts/2025-06.json")
+    assert paid == outcome["document"]
+    assert {e["name"]: e["amount"] for e in paid["contributors"]} == {"alice": "75.00", "bob": "25.00",
+                                                                        "carol": "0.00"}
+    assert paid["pool"] == "100.00" and paid["rule"] == "shapley" and paid["clipped"] == ["carol"]
+    assert paid["checks"]["split"]["status"] == "ok"  # every coalition of an exact run: the split test ran
+    assert "payout" not in read_json(store, "results/shapley.json")  # the values are saved as they were
+    before = store.read_bytes("payouts/2025-06.json")
+    same = runner.invoke(app, ["payout", store.uri, "--pool", "100.00", "--period", "2025-06"])
+    assert same.exit_code == 0, same.output  # the command makes the very same record: one code path
+    assert store.read_bytes("payouts/2025-06.json") == before
+
+
+def test_spec_payout_pays_the_completion_date_once_and_a_refusal_keeps_the_values(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(payout_run, "today_utc", lambda: "2030-01-01")
+    store, doc = finish_exact(tmp_path, {"pool": "90", "rule": "pro-rata", "currency": "JPY"})
+    assert doc["payout"]["document"]["period"] == "2030-01-01"
+    assert {e["name"]: e["amountMinor"] for e in doc["payout"]["document"]["contributors"]} == {
+        "alice": 9, "bob": 27, "carol": 54}
+    monkeypatch.setattr(payout_run, "today_utc", lambda: "2030-01-02")  # resumed the next day: the same period
+    store, again = finish_exact(tmp_path, {"pool": "90", "rule": "pro-rata", "currency": "JPY"})
+    assert again["payout"]["document"]["period"] == "2030-01-01"
+    assert sorted(store.list("payouts")) == ["payouts/2030-01-01.csv", "payouts/2030-01-01.json",
+                                             "payouts/2030-01-01.png", "payouts/_spec-period.json"]
+    store, changed = finish_exact(tmp_path, {"pool": "120", "rule": "pro-rata", "currency": "JPY"})
+    assert "already exists" in changed["payout"]["error"] and "spec.payout.period" in changed["payout"]["error"]
+    assert read_json(store, "payouts/2030-01-01.json")["pool"] == "90"  # not overwritten
+    store, harmful = finish_exact(tmp_path / "other", {"pool": "10", "period": "p1"}, values=(-1.0, -2.0))
+    assert harmful["payout"] == {"error": "nothing to pay on: no contributor has a positive value", "period": "p1"}
+    assert read_json(store, "results/shapley.json")["contributors"]  # the run's values are kept
+    assert not store.exists("payouts/p1.json")
+    _, none = finish_exact(tmp_path / "none", None)
+    assert "payout" not in none
+
+
+def test_the_near_duplicate_check_of_spec_payout_reads_only_small_datasets(tmp_path: Path) -> None:
+    store = open_storage(str(tmp_path / "run"))
+    write_dataset(store, np.zeros((4, 1, 8, 8), dtype=np.uint8), [0, 0, 1, 1])
+    write_json(store, layout.MANIFEST, {"contributors": [{"name": "a"}, {"name": "b"}],
+                                        "manifest": {"spec": {"dataset": {"channels": 1}}}})
+    assert duplicate_check(store, ["a", "b"], max_bytes=1000)["status"] == "skipped"  # the size is unknown
+    write_json(store, layout.PREPARE_RESULT, {"images": 4, "resolution": 8})
+    assert duplicate_check(store, ["a", "b"], max_bytes=256)["status"] == "ok"  # 4 x 1 x 8 x 8 = 256 bytes
+    big = duplicate_check(store, ["a", "b"], max_bytes=255)
+    assert big["status"] == "skipped" and "datacredit payout" in big["note"]
+    images = np.random.default_rng(1).integers(0, 256, size=(5, 3, 40, 40)).astype(np.uint8)
+    assert (dhash(images, max_floats=3 * 40 * 40) == dhash(images)).all()  # one image a chunk: the same hashes

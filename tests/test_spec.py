@@ -104,6 +104,59 @@ def test_config_hash_ignores_execution_and_storage() -> None:
     assert a.config_hash() == b.config_hash() != c.config_hash()
 
 
+def test_payout_section_parses_with_defaults_and_exact_amounts() -> None:
+    assert parse_manifest(GOOD).spec.payout is None
+    run = parse_manifest(with_change("spec.payout", {"pool": 10000}))
+    p = run.spec.payout
+    assert p is not None and (p.pool, p.currency, p.rule, p.alpha, p.floor, p.period) == (
+        "10000", "USD", "shapley", None, "0", None)
+    full = parse_manifest(with_change("spec.payout", {"pool": "10000.50", "currency": "EUR", "rule": "blend",
+                                                      "alpha": 0.25, "floor": 5, "period": "2025-06"})).spec.payout
+    assert full is not None and (full.pool, full.floor, full.alpha, full.period) == ("10000.50", "5", 0.25, "2025-06")
+    assert parse_manifest(with_change("spec.payout", {"pool": 0.1})).spec.payout.pool == "0.1"  # as it prints
+    assert parse_manifest(with_change("spec.payout", {"pool": 500, "currency": "JPY"})).spec.payout.pool == "500"
+    dated = yaml.safe_load("pool: 1\nperiod: 2025-06-30\n")  # an unquoted date is the period's text
+    assert parse_manifest(with_change("spec.payout", dated)).spec.payout.period == "2025-06-30"
+    m = run.to_manifest()
+    assert m["spec"]["payout"] == {"pool": "10000", "currency": "USD", "rule": "shapley", "floor": "0"}
+    assert parse_manifest(m) == run
+
+
+PAYOUT_BAD = [
+    ({}, "spec.payout.pool", "Field required"),
+    ({"pool": 0}, "spec.payout.pool", "must be positive"),
+    ({"pool": "-5"}, "spec.payout.pool", "must be positive"),
+    ({"pool": "1.001"}, "spec.payout.pool", "more than 2 decimal"),
+    ({"pool": "ten"}, "spec.payout.pool", "not a decimal"),
+    ({"pool": True}, "spec.payout.pool", "true/false"),
+    ({"pool": 10, "currency": "JPY", "floor": "0.5"}, "spec.payout.floor", "more than 0 decimal"),
+    ({"pool": 10, "floor": 11}, "spec.payout.floor", "more than the pool"),
+    ({"pool": 10, "floor": "-1"}, "spec.payout.floor", "negative"),
+    ({"pool": 10, "currency": "dollars"}, "spec.payout.currency", "pattern"),
+    ({"pool": 10, "rule": "equal"}, "spec.payout.rule", "'pro-rata'"),
+    ({"pool": 10, "alpha": 0.5}, "spec.payout.alpha", "only applies to rule blend"),
+    ({"pool": 10, "rule": "blend", "alpha": 1.5}, "spec.payout.alpha", "less than or equal to 1"),
+    ({"pool": 10, "period": "../x"}, "spec.payout.period", "pattern"),
+    ({"pool": 10, "carry": "p1"}, "spec.payout.carry", "unknown field"),
+]
+
+
+@pytest.mark.parametrize(("payout", "field", "message"), PAYOUT_BAD, ids=[f"{b[1]}-{b[2]}" for b in PAYOUT_BAD])
+def test_bad_payout_section_names_the_field(payout: dict, field: str, message: str) -> None:
+    with pytest.raises(SpecError) as e:
+        parse_manifest(with_change("spec.payout", payout))
+    problems = dict(e.value.problems)
+    assert field in problems and message in problems[field], problems
+
+
+def test_config_hash_ignores_the_payout() -> None:
+    """Paying differently must not rename (and so re-run) the coalitions."""
+    a = parse_manifest(GOOD)
+    b = parse_manifest(with_change("spec.payout", {"pool": "100", "rule": "blend", "alpha": 0.5}))
+    c = parse_manifest(with_change("spec.payout", {"pool": "999.99", "period": "2025-07"}))
+    assert a.config_hash() == b.config_hash() == c.config_hash()
+
+
 def test_hostile_manifest_files_are_refused_naming_the_problem(tmp_path: Path) -> None:
     laughs = tmp_path / "laughs.yaml"
     lines = ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
