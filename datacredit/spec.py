@@ -305,6 +305,10 @@ class StorageSpec(_Model):
     credentials_secret: Annotated[
         str, Field(description="Secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY for the Jobs.")
     ] = ""
+    retain: Annotated[
+        bool, Field(description="false: the operator deletes the run's folder (<uri>/<namespace>/<run>-<uid>) when "
+                                "the ValuationRun is deleted; true keeps results after the object is gone.")
+    ] = True
 
     @field_validator("uri")
     @classmethod

@@ -38,6 +38,7 @@ class Storage(Protocol):
     def child(self, prefix: str) -> Storage: ...
     def upload_file(self, key: str, path: Path) -> None: ...
     def download_file(self, key: str, path: Path) -> None: ...
+    def delete_all(self) -> int: ...
 
 
 def _check_key(key: str) -> str:
@@ -107,6 +108,12 @@ class LocalStorage:
 
     def child(self, prefix: str) -> LocalStorage:
         return LocalStorage(self._path(prefix.strip("/")))
+
+    def delete_all(self) -> int:
+        """Delete the folder and everything in it; the number of files deleted."""
+        count = len(self.list())
+        shutil.rmtree(self.root, ignore_errors=True)
+        return count
 
     def upload_file(self, key: str, path: Path) -> None:
         """Copy a local file to ``key`` (atomically), without reading it into memory."""
@@ -304,6 +311,19 @@ class S3Storage:
 
     def child(self, prefix: str) -> S3Storage:
         return S3Storage(f"{self.uri}/{prefix.strip('/')}", self.options, self._client)
+
+    def delete_all(self) -> int:
+        """Delete every object under the prefix (1000 per request); the number deleted."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        keys = [self._key(k) for k in self.list()]
+        try:
+            for i in range(0, len(keys), 1000):
+                batch = {"Objects": [{"Key": k} for k in keys[i : i + 1000]], "Quiet": True}
+                self._call("delete", "", lambda b=batch: self._client.delete_objects(Bucket=self.bucket, Delete=b))
+        except (ClientError, BotoCoreError) as e:
+            raise self._fail("delete", "", e) from None
+        return len(keys)
 
     def upload_file(self, key: str, path: Path) -> None:
         """boto3's managed upload: multipart above 8 MiB, streamed from disk, parts retried."""

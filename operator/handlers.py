@@ -41,11 +41,14 @@ from .status import (
     status_fidelity,
     status_payout,
 )
+from .waiting import WAITING_AFTER_SECONDS, Waiting, waiting_candidates, waiting_of
 
 INTERVAL_ENV = "DATACREDIT_RECONCILE_INTERVAL"
 RECONCILE_INTERVAL = float(os.environ.get(INTERVAL_ENV, "5"))
 LOST_AFTER_ENV = "DATACREDIT_JOB_LOST_AFTER"  # seconds before an unseen, vanished Job counts as a failed attempt
 LOST_AFTER = float(os.environ.get(LOST_AFTER_ENV, str(LOST_AFTER_SECONDS)))
+WAITING_AFTER_ENV = "DATACREDIT_WAITING_AFTER"  # seconds a Job may sit without a running pod before it is named
+WAITING_AFTER = float(os.environ.get(WAITING_AFTER_ENV, str(WAITING_AFTER_SECONDS)))
 TERMINAL = (SUCCEEDED, FAILED)
 
 log = logging.getLogger("datacredit.operator")
@@ -89,6 +92,24 @@ def reconcile_timer(body: kopf.Body, meta: kopf.Meta, status: kopf.Status, uid: 
         _report_error(body, status, patch, memory, meta.get("generation", 0), f"{type(error).__name__}: {error}")
     finally:
         metrics.reconciled(ok, time.monotonic() - started)
+
+
+def _not_retained(spec: kopf.Spec, **_: Any) -> bool:
+    return (spec.get("storage") or {}).get("retain") is False
+
+
+@kopf.on.delete(GROUP, VERSION, PLURAL, when=_not_retained)
+def delete_storage(body: kopf.Body, uid: str, name: str, namespace: str, **_: Any) -> None:
+    """spec.storage.retain: false: delete the run's folder. Not optional: kopf retries it on storage errors and
+    holds the run's finalizer until it succeeds, also for a run deleted while the operator was down."""
+    try:
+        run = _parse(body, name, namespace)
+    except SpecError as error:  # an invalid spec names no folder; keeping the finalizer would block deletion
+        log.warning("%s/%s: storage not deleted, the spec is invalid: %s", namespace, name, error)
+        return
+    ref = open_run(run, uid, patience=0.0)
+    deleted = ref.store.delete_all()  # a storage error is raised: kopf retries, the finalizer stays
+    log.info("%s/%s: deleted %d object(s) of %s (storage.retain: false)", namespace, name, deleted, ref.uri)
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL, optional=True)
@@ -181,8 +202,29 @@ def _reconcile(body: kopf.Body, meta: dict[str, Any], old: dict[str, Any], uid: 
             plan.phase, plan.reason, plan.done = FAILED, "EstimateFailed", False
             plan.message = f"cannot estimate Shapley values: {error}; {failed_note(plan)}"
     eta = _eta(plan, memory, run.spec.execution.parallelism)
+    waiting = _waiting(body, run, jobs, uid, namespace, memory, now)
     _finish(body, patch, old, plan, estimate, generation, results_uri, len(view.contributors), namespace, name,
-            eta, fidelity, payout)
+            eta, fidelity, payout, waiting)
+
+
+def _waiting(body: kopf.Body, run: ValuationRun, jobs: list[Any], uid: str, namespace: str, memory: RunMemory,
+             now: float) -> Waiting | None:
+    """Why Jobs queued longer than WAITING_AFTER have no running pod; one Warning Event per new reason.
+
+    Pods are only listed while some Job has waited that long, so a healthy run costs no extra API calls.
+    """
+    candidates = waiting_candidates(jobs, now, WAITING_AFTER)
+    waiting = None
+    if candidates:
+        pods = client.CoreV1Api().list_namespaced_pod(namespace, label_selector=f"{LABEL_RUN_UID}={uid}").items
+        serialize = client.ApiClient().sanitize_for_serialization
+        waiting = waiting_of(candidates, [serialize(p) for p in pods], run.spec.execution.service_account_name)
+    message = waiting.message if waiting else ""
+    if waiting is not None and message != memory.last_waiting:
+        kopf.warn(body, reason="Waiting", message=message[:1000])
+        log.warning("%s: %s", body.get("metadata", {}).get("name"), message)
+    memory.last_waiting = message
+    return waiting
 
 
 def _report_payout(body: kopf.Body, payout: dict[str, Any] | None, namespace: str, name: str) -> None:
@@ -212,9 +254,9 @@ def _eta(plan: Plan, memory: RunMemory, parallelism: int) -> float | None:
 def _finish(body: kopf.Body, patch: kopf.Patch, old: dict[str, Any], plan: Plan, estimate: Estimate | None,
             generation: int, results_uri: str, contributors: int, namespace: str, name: str,
             eta: float | None = None, fidelity: dict[str, Any] | None = None,
-            payout: dict[str, Any] | None = None) -> None:
+            payout: dict[str, Any] | None = None, waiting: Waiting | None = None) -> None:
     status = build_status(plan, estimate, old, generation=generation, results_uri=results_uri,
-                          contributors=contributors, fidelity=fidelity, payout=payout)
+                          contributors=contributors, fidelity=fidelity, payout=payout, waiting=waiting)
     patch.status.update(status)
     if payout is not None:  # the status is merge-patched: clear what an earlier payout left
         patch.status["payout"] = payout_patch(payout)

@@ -58,6 +58,7 @@ class JobView:
     message: str = ""
     created: str = ""
     members: str = ""
+    suspended: bool = False  # spec.suspend: Kueue has not admitted it (queued on purpose)
 
 
 def _failure_reason(reason: str, message: str) -> str:
@@ -95,7 +96,8 @@ def job_view(job: Mapping[str, Any]) -> JobView | None:
     state, reason, message = job_state(job)
     key = PREPARE if step == PREPARE else lab.get(LABEL_COALITION, "")
     return JobView(meta.get("name", ""), step, key, attempt, state, reason, message,
-                   meta.get("creationTimestamp", ""), (meta.get("annotations") or {}).get(ANNOTATION_MEMBERS, ""))
+                   meta.get("creationTimestamp", ""), (meta.get("annotations") or {}).get(ANNOTATION_MEMBERS, ""),
+                   bool((job.get("spec") or {}).get("suspend")))
 
 
 @dataclass

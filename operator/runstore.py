@@ -53,6 +53,7 @@ class RunMemory:
     running_seen: set[str] = field(default_factory=set)
     failed_counted: set[str] = field(default_factory=set)
     last_error: str = ""
+    last_waiting: str = ""
     planners: PlannerCache = field(default_factory=PlannerCache)
 
 

@@ -14,6 +14,7 @@ from datacredit.crd import PAYOUT_TOP_N, TOP_N
 from datacredit.ids import display_name
 
 from .reconcile import FAILED, SUCCEEDED, Plan
+from .waiting import Waiting
 
 
 def now_iso() -> str:
@@ -115,8 +116,10 @@ def status_payout(outcome: dict[str, Any] | None) -> dict[str, Any] | None:
 
 def build_status(plan: Plan, estimate: Estimate | None, old: dict[str, Any], *, generation: int,
                  results_uri: str, contributors: int, now: str | None = None,
-                 fidelity: dict[str, Any] | None = None, payout: dict[str, Any] | None = None) -> dict[str, Any]:
+                 fidelity: dict[str, Any] | None = None, payout: dict[str, Any] | None = None,
+                 waiting: Waiting | None = None) -> dict[str, Any]:
     """The whole status from a Plan, the estimate and the previous status (for transition times).
+    ``waiting``: why Jobs are stuck (:func:`~.waiting.waiting_of`), shown as the `Waiting` condition.
     ``fidelity`` is :func:`status_fidelity` of the results document, once the run has one; ``payout`` is
     :func:`status_payout` of it when spec.payout asked for one (with the PaidOut condition)."""
     now = now or now_iso()
@@ -144,6 +147,10 @@ def build_status(plan: Plan, estimate: Estimate | None, old: dict[str, Any], *, 
         status["payout"] = payout
 
     conds = list(old.get("conditions") or [])
+    if waiting is not None:
+        conds = set_condition(conds, "Waiting", True, waiting.reason, waiting.message, generation, now)
+    elif any(c.get("type") == "Waiting" for c in conds):
+        conds = set_condition(conds, "Waiting", False, "NotWaiting", "no Job is stuck", generation, now)
     prepared = contributors > 0
     if prepared:
         conds = set_condition(conds, "Prepared", True, "PrepareSucceeded",

@@ -57,6 +57,7 @@ class Operator:
             "KUBECONFIG": str(plane.kubeconfig),
             "DATACREDIT_RECONCILE_INTERVAL": "1",
             "DATACREDIT_JOB_LOST_AFTER": "4",
+            "DATACREDIT_WAITING_AFTER": "3",
             "PYTHONUNBUFFERED": "1",
         }
         self.log_dir = log_dir
@@ -526,6 +527,73 @@ def test_a_job_the_api_server_refuses_fails_the_run_with_its_message(
         NS, field_selector=f"involvedObject.name=tiny-rejected,involvedObject.uid={run['metadata']['uid']}").items
     assert any(e.reason == "JobRejected" for e in events)
     _delete(api, "tiny-rejected")
+
+
+def test_a_missing_secret_or_service_account_is_named_in_a_waiting_condition(
+    api: client.ApiClient, operator: Operator, s3_server: S3Server, tiny_data: TinyData,
+) -> None:
+    """The prepare pod of a run whose S3 Secret does not exist cannot start, and a Job whose ServiceAccount does
+    not exist gets no pod at all: both used to sit in Preparing for hours with the cause never named."""
+    no_secret = _manifest(tiny_data, s3_server, "tiny-nosecret")
+    no_secret["spec"]["storage"]["credentialsSecret"] = "no-such-secret"
+    _create(api, no_secret)
+    _create(api, _manifest(tiny_data, s3_server, "tiny-nosa", serviceAccountName="no-such-sa"))
+
+    def waiting(name: str) -> dict[str, Any] | None:
+        conds = {c["type"]: c for c in (_get(api, name).get("status") or {}).get("conditions") or []}
+        return conds["Waiting"] if conds.get("Waiting", {}).get("status") == "True" else None
+
+    wait_until(lambda: waiting("tiny-nosecret") is not None and waiting("tiny-nosa") is not None,
+               "Waiting conditions", 180, interval=1.0, process=operator.process)
+    secret, sa = waiting("tiny-nosecret"), waiting("tiny-nosa")
+    assert secret is not None and secret["reason"] == "CreateContainerConfigError", secret
+    assert "no-such-secret" in secret["message"] and "credentialsSecret" in secret["message"], secret
+    assert sa is not None and sa["reason"] == "PodsNotCreated" and "'no-such-sa'" in sa["message"], sa
+    assert _get(api, "tiny-nosa")["status"]["phase"] == "Preparing"
+    events = client.CoreV1Api(api).list_namespaced_event(NS, field_selector="involvedObject.name=tiny-nosecret").items
+    assert any(e.reason == "Waiting" for e in events)
+    _delete(api, "tiny-nosecret")
+    _delete(api, "tiny-nosa")
+
+
+def test_retain_false_deletes_the_run_folder_even_when_deleted_while_the_operator_is_down(
+    api: client.ApiClient, operator: Operator, s3_server: S3Server, tiny_data: TinyData,
+) -> None:
+    """Every run carries the operator's finalizer (kopf's timers need it): deleted while the operator is down, a
+    run waits with a deletionTimestamp until the operator is back, which then deletes the run's folder only with
+    storage.retain: false."""
+    names = {"tiny-noretain": False, "tiny-retain": True}
+    stores = {}
+    for name, retain in names.items():
+        doc = _manifest(tiny_data, s3_server, name, nodeSelector={"not a key!": "x"})  # Failed at once
+        doc["spec"]["storage"]["retain"] = retain
+        _create(api, doc)
+    for name in names:
+        run = _wait_phase(api, name, ("Failed",), operator, timeout=120)
+        assert "datacredit.dev/finalizer" in run["metadata"].get("finalizers", []), run["metadata"]
+        stores[name] = _store(run, s3_server)
+        assert stores[name].exists("run.json")
+
+    operator.kill()
+    try:
+        for name in names:
+            _delete(api, name)
+        time.sleep(2)
+        assert all(_get(api, name)["metadata"].get("deletionTimestamp") for name in names)  # held, not gone
+    finally:
+        operator.start()
+
+    def gone(name: str) -> bool:
+        try:
+            _get(api, name)
+        except ApiException as error:
+            return error.status == 404
+        return False
+
+    wait_until(lambda: all(gone(n) for n in names), "both runs deleted", 120, interval=1.0,
+               process=operator.process)
+    assert stores["tiny-noretain"].list() == []
+    assert stores["tiny-retain"].exists("run.json")
 
 
 # ---------------------------------------------------------------- (4) admission

@@ -89,3 +89,12 @@ def test_stored_files_are_readable_by_the_team_and_files_copy_without_loading(tm
     assert back.read_bytes() == big.read_bytes()
     with pytest.raises(FileNotFoundError):
         store.download_file("models/nope.bin", back)
+
+
+def test_delete_all_removes_the_folder(tmp_path: Path) -> None:
+    store = LocalStorage(tmp_path / "runs/ns/r-1")
+    store.write_bytes("coalitions/c1/result.json", b"{}")
+    store.write_bytes("run.json", b"{}")
+    LocalStorage(tmp_path / "runs/ns/r-10").write_bytes("run.json", b"{}")
+    assert store.delete_all() == 2 and store.list() == []
+    assert LocalStorage(tmp_path / "runs/ns/r-10").list() == ["run.json"]

@@ -65,6 +65,17 @@ def test_files_go_through_managed_multipart_transfers(s3_server: S3Server, s3_en
         store.download_file("unet/nope.bin", back)
 
 
+def test_delete_all_removes_only_the_prefix(s3_server: S3Server, s3_env: S3Options) -> None:
+    s3_server.make_bucket("delete-test")
+    run = open_storage("s3://delete-test/runs/ns/r-1", s3_env)
+    other = open_storage("s3://delete-test/runs/ns/r-10", s3_env)  # shares the string prefix "r-1"
+    for i in range(1203):  # more than one delete_objects batch
+        run.write_bytes(f"coalitions/c{i}/result.json", b"{}")
+    other.write_bytes("run.json", b"{}")
+    assert run.delete_all() == 1203
+    assert run.list() == [] and other.list() == ["run.json"]
+
+
 def test_wrong_credentials_and_missing_bucket(s3_server: S3Server, s3_env: S3Options,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     s3_server.make_bucket("creds-test")
