@@ -42,8 +42,9 @@ test: install binaries ## every test tier: unit, workload, storage (MinIO), cont
 test-fast: install ## unit tests only (no torch workloads, no servers)
 	$(VENV)/bin/pytest -ra -p no:cacheprovider -m "not workload and not s3 and not controlplane and not chart and not observability and not images" tests
 
-lint: install ## ruff
-	$(VENV)/bin/ruff check datacredit jobs operator tests benchmarks dashboards
+lint: install ## ruff, and the layering contract (the core loads no torch/kopf; the operator no GPU code)
+	$(VENV)/bin/ruff check datacredit jobs operator tests benchmarks dashboards hack
+	$(PY) hack/check_layers.py
 
 crds: install ## regenerate crds/ from the spec model (and the chart's copy)
 	$(VENV)/bin/datacredit crd > crds/valuationruns.datacredit.dev.yaml

@@ -25,11 +25,6 @@ def coalition_result(cid: str) -> str:
     return f"coalitions/{cid}/result.json"
 
 
-def coalition_failure(cid: str, attempt: int) -> str:
-    """Why an attempt failed (written by the worker when it can)."""
-    return f"coalitions/{cid}/attempt-{attempt}/error.json"
-
-
 def attempt_dir(cid: str, attempt: int) -> str:
     """Checkpoints and sample grids of one attempt, kept for audit."""
     return f"coalitions/{cid}/attempt-{attempt}"

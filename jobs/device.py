@@ -16,11 +16,6 @@ def pick_device(prefer: str | None = None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def default_dtype(device: torch.device | None = None) -> torch.dtype:
-    """Parameter dtype for training and sampling: float32 everywhere (the models are small)."""
-    return torch.float32
-
-
 def seed_everything(seed: int) -> torch.Generator:
     """Seed Python, NumPy and torch (CPU and CUDA); return a CPU generator seeded with ``seed``."""
     random.seed(seed)

@@ -123,15 +123,6 @@ def structure(model: nn.Module) -> dict[str, Any]:
     return out
 
 
-def widths(model: nn.Module) -> dict[str, int]:
-    """Output width of every Conv2d / Linear / GroupNorm, by module name."""
-    out = {}
-    for name, m in model.named_modules():
-        if isinstance(m, (nn.Conv2d, nn.Linear, nn.GroupNorm)):
-            out[name] = int(m.weight.shape[0])
-    return out
-
-
 def block_widths(model: UNet2DModel) -> dict[str, int]:
     """Output widths of each resnet's conv2, summarising how a (pruned) UNet's blocks look."""
     return {n: int(m.conv2.out_channels) for n, m in model.named_modules() if isinstance(m, ResnetBlock2D)}
