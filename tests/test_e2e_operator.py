@@ -478,6 +478,41 @@ def test_failed_pod_is_retried_and_persistent_failure_fails_the_run(
     _delete(api, "tiny-doomed")
 
 
+def test_an_evicted_coalition_pod_is_replaced_without_using_an_attempt(
+    api: client.ApiClient, operator: Operator, s3_server: S3Server, tiny_data: TinyData,
+) -> None:
+    """Preemption for real: the Eviction API marks a running coalition pod DisruptionTarget and deletes it; the
+    Job's pod failure policy ignores it, the Job controller starts a replacement in the same Job, and the
+    coalition finishes as attempt 1 with no failure recorded."""
+    _create(api, _manifest(tiny_data, s3_server, "tiny-evict", budget=6))
+    uid = _get(api, "tiny-evict")["metadata"]["uid"]
+    core = client.CoreV1Api(api)
+
+    def running() -> list[Any]:
+        pods = core.list_namespaced_pod(NS, label_selector=f"datacredit.dev/run-uid={uid},"
+                                        "datacredit.dev/step=coalition").items
+        return [p for p in pods if p.status.phase == "Running" and not p.metadata.deletion_timestamp]
+
+    wait_until(lambda: bool(running()), "a running coalition pod", RUN_TIMEOUT_S, interval=0.5,
+               process=operator.process)
+    victim = running()[0]
+    job = victim.metadata.labels["batch.kubernetes.io/job-name"]
+    cid = victim.metadata.labels["datacredit.dev/coalition"]
+    core.create_namespaced_pod_eviction(victim.metadata.name, NS, client.V1Eviction(
+        metadata=client.V1ObjectMeta(name=victim.metadata.name, namespace=NS)))
+
+    run = _wait_phase(api, "tiny-evict", ("Succeeded", "Failed"), operator)
+    assert run["status"]["phase"] == "Succeeded", run["status"]
+    assert run["status"]["coalitions"]["failedAttempts"] == 0
+    pods = core.list_namespaced_pod(NS, label_selector=f"batch.kubernetes.io/job-name={job}").items
+    done = [p.metadata.name for p in pods if p.status.phase == "Succeeded"]
+    assert len(done) == 1 and done[0] != victim.metadata.name, done  # a replacement pod finished the work
+    keys = _store(run, s3_server).list(f"coalitions/{cid}")
+    assert {f"coalitions/{cid}/result.json", f"coalitions/{cid}/attempt-1/created.json"} <= set(keys), keys
+    assert not [k for k in keys if k.endswith("failed.json") or "/attempt-2/" in k], keys
+    _delete(api, "tiny-evict")
+
+
 def test_jobs_that_vanish_unseen_use_up_attempts_and_the_run_fails_in_bounded_time(
     api: client.ApiClient, operator: Operator, s3_server: S3Server, tiny_data: TinyData,
     faults: dict[tuple[str, str], str],
