@@ -39,12 +39,26 @@ def _load(path: Path) -> ValuationRun:
 
 
 @app.command()
-def validate(manifests: Annotated[list[Path], typer.Argument(help="ValuationRun YAML file(s).")]) -> None:
-    """Check manifests and name every invalid field with the reason."""
+def validate(
+    manifests: Annotated[list[Path], typer.Argument(help="ValuationRun YAML file(s).")],
+    paths: Annotated[bool, typer.Option("--paths/--no-paths", help="Check that local folders and files the "
+                                        "manifest names exist here (--no-paths for a manifest written for another "
+                                        "machine or a cluster).")] = True,
+) -> None:
+    """Check manifests and name every invalid field with the reason.
+
+    Besides the schema: local folders and files the manifest names must exist (relative paths from the current
+    directory, as `run` reads them), and the property must exist and use every spec.property field given.
+    """
+    from .preflight import preflight
+
     bad = 0
     for m in manifests:
         try:
             run = load_manifest(m)
+            problems = preflight(run, paths=paths)
+            if problems:
+                raise SpecError(str(m), problems)
             out.print(f"[green]ok[/] {m}: {run.metadata.name} ({run.spec.model.family}, {run.spec.property.name}, "
                       f"{run.spec.estimator.name} budget {run.spec.estimator.budget})")
         except SpecError as e:
@@ -62,9 +76,12 @@ def run(
     storage: Annotated[str | None, typer.Option(help="Override spec.storage.uri (path or s3://).")] = None,
 ) -> None:
     """Run a valuation on this machine; rerun the same command to resume after a stop or Ctrl-C."""
+    from . import layout
     from .dataset import DatasetError
     from .local import RunFailed, execute
+    from .preflight import preflight
     from .results import results_table
+    from .runstate import open_run
     from .storage import StorageError
 
     vr = _load(manifest)
@@ -72,6 +89,10 @@ def run(
         vr = vr.model_copy(update={"spec": vr.spec.model_copy(
             update={"storage": vr.spec.storage.model_copy(update={"uri": storage})})})
     try:
+        if not open_run(vr).store.exists(layout.PREPARE_RESULT):  # before any training (a resume needs no data)
+            problems = preflight(vr)
+            if problems:
+                raise SpecError(str(manifest), problems)
         outcome = execute(vr, workers=workers)
     except (DatasetError, SpecError) as e:
         err.print(f"[red]bad input:[/] {escape(str(e))}")

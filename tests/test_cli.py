@@ -53,9 +53,30 @@ def test_storage_uris_that_lose_the_run_prefix_are_refused_before_anything_is_wr
 
 
 @pytest.mark.parametrize("example", sorted(p.name for p in EXAMPLES.glob("*.yaml")))
-def test_every_example_manifest_validates(example: str) -> None:
+def test_every_example_manifest_validates(example: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # where `datacredit demo --data-only` has written the digits data
+    for folder in ("demo-run/data/images", "demo-run/data/reference"):
+        (tmp_path / folder).mkdir(parents=True)
     res = runner.invoke(app, ["validate", str(EXAMPLES / example)])
     assert res.exit_code == 0, res.output
+
+
+def test_validate_names_missing_folders_and_property_fields_before_any_training(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({
+        "apiVersion": "datacredit.dev/v1alpha1", "kind": "ValuationRun", "metadata": {"name": "bad"},
+        "spec": {"dataset": {"images": "./no-such-folder"}, "storage": {"uri": "./runs"},
+                 "property": {"name": "fid", "clusters": 4, "weights": "s3://models/inception.pth"}}}))
+    res = runner.invoke(app, ["validate", str(bad)])
+    assert res.exit_code == 3 and "spec.dataset.images: ./no-such-folder does not exist" in res.output, res.output
+    assert "spec.property.clusters: property 'fid' does not use it" in res.output
+    res = runner.invoke(app, ["validate", "--no-paths", str(bad)])
+    assert res.exit_code == 3 and "spec.dataset.images" not in res.output and "spec.property.clusters" in res.output
+    res = runner.invoke(app, ["run", str(bad)])  # refused before prepare: nothing trained, no run folder
+    assert res.exit_code == 3 and "spec.dataset.images" in res.output, res.output
+    assert not (tmp_path / "runs").exists()
 
 
 def test_estimate_from_a_stored_table(tmp_path: Path) -> None:

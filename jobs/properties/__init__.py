@@ -11,7 +11,7 @@ from .aesthetic import AestheticScore
 from .digits import ClassEntropy, FrechetQuality
 from .diversity import ClassifierEntropy, ClusterEntropy
 from .inception import FrechetInceptionDistance, InceptionScore
-from .registry import Property, available_properties, get_property, register_property
+from .registry import Property, available_properties, check_property, get_property, register_property
 
 register_property("quality", FrechetQuality)
 register_property("diversity", ClassEntropy)
@@ -26,6 +26,7 @@ __all__ = [
     "FrechetQuality",
     "Property",
     "available_properties",
+    "check_property",
     "get_property",
     "register_property",
 ]

@@ -57,8 +57,32 @@ def available_properties() -> list[str]:
     return sorted(_REGISTRY)
 
 
-# Manifest fields (spec.property.*) a property factory may take, by parameter name.
-SPEC_FIELDS = ("weights", "head", "quantile", "clusters", "options")
+def _factory_of(spec: PropertySpec) -> PropertyFactory:
+    if ":" in spec.name:
+        from .custom import CustomProperty
+
+        return CustomProperty.from_spec
+    try:
+        return _REGISTRY[spec.name]
+    except KeyError:
+        raise SpecError("manifest", [("spec.property.name", f"unknown property {spec.name!r}; known: "
+                                      f"{', '.join(sorted(_REGISTRY))}, or module:function")]) from None
+
+
+def _unused(spec: PropertySpec, factory: PropertyFactory) -> list[str]:
+    accepted = inspect.signature(factory).parameters
+    given = {"weights": spec.weights, "head": spec.head, "quantile": spec.quantile, "clusters": spec.clusters,
+             "options": spec.options or None}
+    return [k for k, v in given.items() if v is not None and k not in accepted]
+
+
+def check_property(spec: PropertySpec) -> list[tuple[str, str]]:
+    """(field, problem) for an unknown property name or spec.property fields it does not use; builds nothing."""
+    try:
+        factory = _factory_of(spec)
+    except SpecError as e:
+        return list(e.problems)
+    return [(f"spec.property.{k}", f"property {spec.name!r} does not use it") for k in _unused(spec, factory)]
 
 
 def property_for(spec: PropertySpec, fetch: Callable[[str, str], Path]) -> Property:
@@ -67,17 +91,10 @@ def property_for(spec: PropertySpec, fetch: Callable[[str, str], Path]) -> Prope
     ``weights`` and ``head`` are URIs resolved to local paths with ``fetch(uri, field)``. A field set in the
     manifest that the property does not take is an error naming the field, not silently ignored.
     """
-    if ":" in spec.name:
-        from .custom import CustomProperty
-
-        factory: PropertyFactory = CustomProperty.from_spec
-    else:
-        try:
-            factory = _REGISTRY[spec.name]
-        except KeyError:
-            raise SpecError("manifest", [("spec.property.name", f"unknown property {spec.name!r}; known: "
-                                          f"{', '.join(sorted(_REGISTRY))}, or module:function")]) from None
-    accepted = inspect.signature(factory).parameters
+    factory = _factory_of(spec)
+    unused = _unused(spec, factory)
+    if unused:
+        raise SpecError("manifest", [(f"spec.property.{k}", f"property {spec.name!r} does not use it") for k in unused])
     given = {
         "weights": fetch(spec.weights, "spec.property.weights") if spec.weights else None,
         "head": fetch(spec.head, "spec.property.head") if spec.head else None,
@@ -85,8 +102,5 @@ def property_for(spec: PropertySpec, fetch: Callable[[str, str], Path]) -> Prope
         "clusters": spec.clusters,
         "options": dict(spec.options) if spec.options else None,
     }
-    unused = [k for k, v in given.items() if v is not None and k not in accepted]
-    if unused:
-        raise SpecError("manifest", [(f"spec.property.{k}", f"property {spec.name!r} does not use it") for k in unused])
     kwargs = {k: v for k, v in given.items() if v is not None}
     return factory(spec.name, **kwargs) if ":" in spec.name else factory(**kwargs)
