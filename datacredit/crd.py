@@ -201,7 +201,7 @@ def _condition_schema() -> dict[str, Any]:
         "type": "object",
         "required": ["type", "status"],
         "properties": {
-            "type": {**string, "description": "Prepared, Converged, Ready, Failed or PaidOut."},
+            "type": {**string, "description": "Prepared, Converged, Ready, Failed, Waiting or PaidOut."},
             "status": {"type": "string", "enum": ["True", "False", "Unknown"]},
             "reason": string,
             "message": string,
@@ -309,6 +309,7 @@ def build_crd() -> dict[str, Any]:
         "subresources": {"status": {}},
         "additionalPrinterColumns": [
             {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+            {"name": "Ready", "type": "string", "jsonPath": '.status.conditions[?(@.type=="Ready")].status'},
             {"name": "Progress", "type": "string", "jsonPath": ".status.progress",
              "description": "succeeded/planned coalitions"},
             {"name": "Top", "type": "string", "jsonPath": ".status.topContributor",
@@ -361,7 +362,11 @@ def crd_yaml() -> str:
     """The CRD as the YAML committed under crds/ (and the chart's crds-src/)."""
     import yaml
 
-    return yaml.safe_dump(build_crd(), sort_keys=False, width=100, allow_unicode=True)
+    class NoAliases(yaml.SafeDumper):  # repeated sub-schemas written out in full: no &id001 / *id001 anchors
+        def ignore_aliases(self, data: Any) -> bool:
+            return True
+
+    return yaml.dump(build_crd(), Dumper=NoAliases, sort_keys=False, width=100, allow_unicode=True)
 
 
 def main() -> None:

@@ -117,6 +117,7 @@ def test_names_columns_and_status() -> None:
     assert version["subresources"] == {"status": {}}
     cols = {c["name"]: c["jsonPath"] for c in version["additionalPrinterColumns"]}
     assert cols["Phase"] == ".status.phase" and cols["Progress"] == ".status.progress"
+    assert cols["Ready"] == '.status.conditions[?(@.type=="Ready")].status'
     assert cols["Top"] == ".status.topContributor" and cols["Age"] == ".metadata.creationTimestamp"
     status = version["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]
     assert status["top"]["maxItems"] == 10
@@ -126,4 +127,6 @@ def test_names_columns_and_status() -> None:
 
 
 def test_yaml_round_trips() -> None:
-    assert yaml.safe_load(crd_yaml()) == build_crd()
+    text = crd_yaml()
+    assert yaml.safe_load(text) == build_crd()
+    assert "&id" not in text and "*id" not in text  # no YAML anchors: every schema is written out
