@@ -65,7 +65,17 @@ SPEC_RULES: dict[str, list[dict[str, str]]] = {
             "rule": "self.name != 'exact' || self.budget >= 4",
             "message": "estimator exact evaluates every coalition: budget must be at least 4 (2 contributors)",
             "fieldPath": ".budget",
-        }
+        },
+        {
+            "rule": "self.stop != 'topK' || has(self.topK)",
+            "message": "stop: topK needs topK, the number of best and worst contributors to identify",
+            "fieldPath": ".topK",
+        },
+        {
+            "rule": "self.stop == 'topK' || !has(self.topK)",
+            "message": "topK only applies to stop: topK",
+            "fieldPath": ".topK",
+        },
     ],
     "storage": [
         {

@@ -51,6 +51,7 @@ def finish_run(store: Storage, run: ValuationRun, planner: Planner, contributors
     doc["sumOfValues"] = float(np.sum(est.values))
     doc["sumMeans"] = SUM_MEANS
     doc["commonRandomNumbers"] = run.spec.method.common_random_numbers
+    doc["stopRule"] = planner.rule.describe()  # the question a converged run settled
     doc["seedNoise"] = est.noise.to_dict() if est.noise is not None else None
     if est.seed_stderr is not None:
         by_name = {c["name"]: float(s) for c, s in zip(contributors, est.seed_stderr, strict=True)}

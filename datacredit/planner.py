@@ -31,8 +31,9 @@ __all__ = ["Estimate", "Planner", "StopReason"]
 class Planner:
     """Hand out the coalitions of a plan, collect their utilities, estimate at any time.
 
-    ``tolerance``/``atol``/``min_evaluations``/``check_every`` are the stopping rule of
-    :func:`datacredit.shapley.estimate`; without ``tolerance`` or ``atol`` the whole plan is used.
+    ``tolerance``/``atol``/``min_evaluations``/``check_every``/``question``/``k`` are the stopping rule of
+    :func:`datacredit.shapley.estimate` (:class:`~datacredit.shapley.stopping.StoppingRule`); without a
+    tolerance, atol or question the whole plan is used.
     ``replicate_coalitions``: how many coalitions besides ∅ (from before the first checkpoint, spread
     over sizes) executors also evaluate under other seeds (:attr:`replicated`); their utilities, told
     with :meth:`tell`, add the between-seed part to the standard errors.
@@ -50,9 +51,14 @@ class Planner:
         min_evaluations: int | None = None,
         check_every: int | None = None,
         replicate_coalitions: int = 0,
+        question: str = "interval",
+        k: int | None = None,
     ):
         self.plan = make_plan(n_players, budget, method, seed)
-        self.rule = StoppingRule(tolerance, atol, min_evaluations, check_every)
+        self.rule = StoppingRule(tolerance, atol, min_evaluations, check_every, question, k)
+        if question == "topK" and k is not None and 2 * k > n_players:
+            raise ValueError(f"estimator.topK={k} asks for the {k} best and {k} worst of {n_players} contributors; "
+                             f"use at most {n_players // 2}")
         self._table = Table(self.plan.sequence)
         horizon = self.rule.checkpoints(self.plan)[:1] or [4 * n_players + 2]
         self._replicated = replicate_positions(self.plan.sequence, replicate_coalitions, horizon[0])

@@ -52,6 +52,7 @@ def planner_for(run: ValuationRun, n_players: int) -> Planner:
     e = run.spec.estimator
     replicated = e.replicates.coalitions if e.replicates.seeds > 0 else 0
     return Planner(n_players=n_players, budget=e.budget, method=e.name, seed=e.seed, tolerance=e.tolerance,
+                   question=e.stop, k=e.top_k,
                    replicate_coalitions=replicated)
 
 

@@ -264,6 +264,24 @@ class EstimatorSpec(_Model):
     ] = 0.02
     seed: Annotated[int, Field(ge=0, le=2**31 - 1)] = 0
     replicates: ReplicateSpec = ReplicateSpec()
+    stop: Annotated[
+        Literal["interval", "topK", "sign"],
+        Field(description="The question that ends the run early: interval (every 95% interval within tolerance), "
+                          "topK (the topK best and topK worst contributors known at 95%), sign (every value's "
+                          "sign known at 95%). kernel, permutation and banzhaf can stop early; exact and loo "
+                          "always use their whole design."),
+    ] = "interval"
+    top_k: Annotated[
+        int | None, Field(ge=1, le=10_000, description="stop: topK: how many best and worst contributors.")
+    ] = None
+
+    @model_validator(mode="after")
+    def _top_k_with_its_question(self) -> EstimatorSpec:
+        if self.stop == "topK" and self.top_k is None:
+            raise ValueError("stop: topK needs topK, the number of best and worst contributors to identify")
+        if self.stop != "topK" and self.top_k is not None:
+            raise ValueError(f"topK only applies to stop: topK (stop is {self.stop!r})")
+        return self
 
 
 class Resources(_Model):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from itertools import islice
 from math import factorial
+from typing import Any
 
 import numpy as np
 import pytest
@@ -294,3 +295,59 @@ def test_blend_trusts_the_low_noise_fit_only_where_the_game_allows() -> None:
     small, large = _fit(v, n, 8 * n, 0), _fit(v, n, 2**n - 2, 0)  # noise-free: only the bias is left
     assert large.blend < 0.25 and large.blend < small.blend
     assert rel_l2(large.values, truth) < rel_l2(small.values, truth) / 3
+
+
+def _noisy_game(n: int, noise: float, seed: int = 0) -> tuple[np.ndarray, Any]:
+    """An additive game with pairwise interactions and evaluation noise; its exact Shapley values."""
+    rng = np.random.default_rng(seed)
+    weights = np.linspace(-3.0, 6.0, n)
+    pairs = rng.normal(0, 0.3, (n, n))
+    pairs = np.triu(pairs, 1)
+    phi = weights + 0.5 * (pairs.sum(0) + pairs.sum(1))  # each pair's synergy is split evenly
+    noise_rng = np.random.default_rng(seed + 1)
+
+    def utility(coalitions: np.ndarray) -> list[float]:
+        z = coalitions.astype(float)
+        return [float(row @ weights + row @ pairs @ row + noise_rng.normal(0, noise)) for row in z]
+
+    return phi, utility
+
+
+@pytest.mark.parametrize("question", ["topK", "sign"])
+def test_questions_stop_as_soon_as_they_are_settled_and_get_them_right(question: str) -> None:
+    from datacredit.shapley.stopping import StoppingRule
+
+    n, k = 12, 3
+    phi, utility = _noisy_game(n, noise=0.3)
+    full = estimate(utility, n, 40 * n, "kernel", seed=1)
+    asked = estimate(_noisy_game(n, noise=0.3)[1], n, 40 * n, "kernel", seed=1, question=question, k=k)
+    assert asked.converged and asked.n_evaluations < full.n_evaluations / 2, (asked.n_evaluations,
+                                                                             full.n_evaluations)
+    order, truth = np.argsort(-asked.values), np.argsort(-phi)
+    if question == "topK":
+        assert set(order[:k]) == set(truth[:k]) and set(order[-k:]) == set(truth[-k:])
+    else:
+        assert np.array_equal(np.sign(asked.values), np.sign(phi))
+    again = estimate(_noisy_game(n, noise=0.3)[1], n, 40 * n, "kernel", seed=1, question=question, k=k)
+    assert again.n_evaluations == asked.n_evaluations  # deterministic for a seed
+    assert StoppingRule(question=question, k=k).describe().endswith("known at 95%")
+
+
+def test_question_rules_on_hand_made_intervals() -> None:
+    from datacredit.shapley.stopping import StoppingRule
+
+    top = StoppingRule(question="topK", k=1)
+    values = np.array([10.0, 5.0, 4.0, 0.0])
+    assert top.met("kernel", values, np.full(4, 1.0))  # 10 − 5 and 4 − 0 exceed 1.96·√2
+    assert not top.met("kernel", values, np.array([1.0, 3.0, 1.0, 1.0]))  # 10 - 5 < 1.96·√(1 + 9)
+    assert not top.met("kernel", values, np.array([1.0, 1.0, 1.5, 1.5]))  # the bottom is not settled
+    assert not top.met("exact", values, np.full(4, 0.1))  # a fixed design never stops early
+    sign = StoppingRule(question="sign")
+    assert sign.met("kernel", np.array([3.0, -3.0]), np.ones(2))
+    assert not sign.met("kernel", np.array([3.0, -1.0]), np.ones(2))
+    with pytest.raises(ValueError, match="k >= 1"):
+        StoppingRule(question="topK")
+    from datacredit.planner import Planner
+
+    with pytest.raises(ValueError, match="at most 2"):
+        Planner(5, 40, question="topK", k=3)

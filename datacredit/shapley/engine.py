@@ -93,6 +93,8 @@ def estimate(
     min_evaluations: int | None = None,
     check_every: int | None = None,
     batch_size: int | None = None,
+    question: str = "interval",
+    k: int | None = None,
 ) -> Estimate:
     """Estimate contributor values by calling ``utility`` on batches of coalitions.
 
@@ -100,12 +102,14 @@ def estimate(
     are evaluated, in the order of :func:`~datacredit.shapley.design.make_plan` (∅ and the full set
     first). With ``tolerance`` or ``atol`` the run stops early once the largest 95% half-width is
     below ``tolerance * (max - min value)`` or ``atol``, checked after at least ``min_evaluations``
-    (default 4n + 2) and then every ``check_every`` (default n) evaluations. Batches never cross a
+    (default 4n + 2) and then every ``check_every`` (default n) evaluations. ``question="topK"`` with ``k``
+    stops instead once the k highest and k lowest values are separated from the rest at 95%, ``"sign"`` once
+    every value's interval excludes zero (:class:`~datacredit.shapley.stopping.StoppingRule`). Batches never cross a
     checkpoint; ``batch_size`` (default: up to the next checkpoint) caps them further. The
     :class:`~datacredit.planner.Planner` walks the same plan and returns the same estimate.
     """
     plan = make_plan(n_players, budget, method, seed)
-    rule = StoppingRule(tolerance, atol, min_evaluations, check_every)
+    rule = StoppingRule(tolerance, atol, min_evaluations, check_every, question, k)
     table = Table(plan.sequence)
     end = len(plan.sequence)
     done = 0
