@@ -293,6 +293,7 @@ def test_simulated_run_matches_the_sequential_estimate(method: str, budget: int,
     while len(batch := reference.ask(1)):
         reference.tell(batch[0], utility(tuple(int(i) for i in np.flatnonzero(batch[0]))))
     np.testing.assert_allclose(planner.estimate().values, reference.estimate().values, atol=1e-12)
+    assert planner.estimate().n_evaluations == reference.estimate().n_evaluations
 
 
 def test_jobs_of_coalitions_with_results_do_not_hold_the_run() -> None:

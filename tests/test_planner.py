@@ -199,3 +199,25 @@ def test_a_fork_is_independent_of_its_planner_and_estimates_the_same() -> None:
     assert len(asked) == 3 and len(planner.pending) == 0 and len(fork.pending) == 1 and len(fork.skipped) == 1
     assert len(planner.skipped) == 0
     np.testing.assert_array_equal(planner.ask(3), asked)  # the original hands out the same coalitions again
+
+
+@pytest.mark.parametrize("question", ["topK", "sign"])
+def test_a_planner_told_out_of_order_stops_on_a_question_where_estimate_does(question: str) -> None:
+    n, k = 8, 2
+    weights = np.linspace(-2.0, 3.0, n) + 0.1
+
+    def utility(z: np.ndarray) -> float:
+        return float(z @ weights + 0.2 * np.sin(7.0 * z.sum() + z @ np.arange(n)))
+
+    reference = estimate(lambda b: [utility(z) for z in b], n, 200, "kernel", seed=4, question=question, k=k)
+    planner = Planner(n, 200, "kernel", seed=4, question=question, k=k)
+    rng = np.random.default_rng(0)
+    held: list[np.ndarray] = []
+    while not planner.done:
+        held.extend(planner.ask(3))
+        if held:
+            z = held.pop(int(rng.integers(len(held))))
+            planner.tell(z, utility(z))
+    ours = planner.estimate()
+    assert ours.converged and reference.converged and ours.n_evaluations == reference.n_evaluations < 200
+    np.testing.assert_allclose(ours.values, reference.values, atol=1e-12)
