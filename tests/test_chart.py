@@ -328,6 +328,44 @@ def test_metrics_service_and_monitor(monitoring_docs: list[Manifest]) -> None:
     assert monitor["spec"]["namespaceSelector"] == {"matchNames": [NAMESPACE]}
 
 
+def test_helm_test_hook_checks_the_operator_metrics(default_docs: list[Manifest]) -> None:
+    """`helm test` runs a Pod that reads the metrics Service; its script is run here against a real endpoint
+    serving the operator's registry, and against one that serves something else."""
+    import subprocess
+    import sys
+
+    from prometheus_client import start_http_server
+
+    from datacredit.operator import metrics
+    from tests.infra.process import free_port
+
+    pod = one(default_docs, "Pod", f"{RELEASE}-datacredit-test-metrics")
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    [container] = pod["spec"]["containers"]
+    assert container["securityContext"]["readOnlyRootFilesystem"] and pod["spec"]["securityContext"]["runAsNonRoot"]
+    script = container["args"][0]
+    url = f"http://{RELEASE}-datacredit-metrics.{NAMESPACE}.svc:8080/metrics"
+    assert url in script
+    port = free_port()
+    server, thread = start_http_server(port, addr="127.0.0.1", registry=metrics.REGISTRY)
+    try:
+        ok = subprocess.run([sys.executable, "-c", script.replace(url, f"http://127.0.0.1:{port}/metrics")],
+                            capture_output=True, text=True, timeout=60)
+        assert ok.returncode == 0 and "operator metrics are served" in ok.stdout, ok.stderr
+    finally:
+        server.shutdown()
+        thread.join(5)
+    other = free_port()
+    server, thread = start_http_server(other, addr="127.0.0.1")  # the default registry: not the operator's
+    try:
+        bad = subprocess.run([sys.executable, "-c", script.replace(url, f"http://127.0.0.1:{other}/metrics")],
+                             capture_output=True, text=True, timeout=60)
+        assert bad.returncode != 0 and "without datacredit_build_info" in bad.stderr
+    finally:
+        server.shutdown()
+        thread.join(5)
+
+
 def test_dashboard_configmaps(monitoring_docs: list[Manifest]) -> None:
     files = sorted((CHART / "dashboards").glob("*.json"))
     maps = find(monitoring_docs, "ConfigMap")
