@@ -302,9 +302,9 @@ def test_run_succeeds_with_local_values_columns_and_cleanup(
                             auth_settings=["BearerToken"], _preload_content=False)
     table = json.loads(response[0].data)
     columns = [c["name"] for c in table["columnDefinitions"]]
-    assert columns[:4] == ["Name", "Phase", "Progress", "Top"] and "Age" in columns
+    assert columns[:5] == ["Name", "Phase", "Ready", "Progress", "Top"] and "Age" in columns
     row = next(r["cells"] for r in table["rows"] if r["cells"][0] == "tiny-kernel")
-    assert row[1:4] == ["Succeeded", "8/8", status["topContributor"]]
+    assert row[1:5] == ["Succeeded", "True", "8/8", status["topContributor"]]
 
     # the operator's metrics for this run
     text = operator.metrics().decode()
