@@ -7,27 +7,65 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
+import typer.core
 from rich.markup import escape
 
+from .progress import console
 from .spec import SpecError, ValuationRun, load_manifest
+
+EXIT_FAILED = 1  # the work failed (a run with too many failed coalitions, a run without results yet)
+EXIT_USAGE = 2  # unknown option, missing or malformed argument (click's own code)
+EXIT_BAD_INPUT = 3  # bad manifest or data: retrying cannot help (Jobs fail fast on it)
+EXIT_STORAGE = 4  # storage unreachable for longer than the patience: an outage, worth retrying later
+EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT); what finished is kept, the same command resumes
+
+EXIT_CODES = (
+    "**Exit codes:** 0 done; 1 failed (e.g. too many coalitions failed, or no results yet); 2 usage "
+    "(unknown option, bad argument); 3 bad input (invalid manifest, data, table, or no run at the path); "
+    "4 storage unavailable (unreachable past the patience, or `report` without usable S3 credentials); "
+    "130 interrupted (Ctrl-C: finished work is kept, rerun to resume)."
+)
 
 app = typer.Typer(
     help=(
         "Credit the data contributors of a diffusion model with Shapley values.\n\n"
         "Start with `datacredit demo --quick`, then `datacredit run examples/digits-local.yaml`."
     ),
+    epilog=EXIT_CODES,
     no_args_is_help=True,
     rich_markup_mode="markdown",
     pretty_exceptions_enable=False,
 )
 worker = typer.Typer(help="GPU steps, run inside a Job's container or by the local executor.", no_args_is_help=True)
 app.add_typer(worker, name="worker")
-out = Console()
-err = Console(stderr=True)
+out = console()  # not wrapped or cut at 80 columns when redirected
+err = console(stderr=True)
 
-EXIT_BAD_INPUT = 3  # bad manifest or data: retrying cannot help (Jobs fail fast on it)
-EXIT_STORAGE = 4  # storage unreachable for longer than the patience: an outage, worth retrying later
+
+def _flag_type(self: typer.core.TyperOption, ctx: Any) -> str | None:
+    """No type column for on/off flags in --help: typer shows ``<bool>`` there, which reads as if the flag
+    took a value (``--quick true``), and click refuses one."""
+    return None if self.is_flag and not self.count else _option_type(self, ctx)
+
+
+_option_type = typer.core.TyperOption.display_type_rich
+typer.core.TyperOption.display_type_rich = _flag_type  # type: ignore[method-assign]
+
+
+def _version(value: bool) -> None:
+    if value:
+        from . import package_version
+
+        sys.stdout.write(f"datacredit {package_version()}\n")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """Credit the data contributors of a diffusion model with Shapley values."""
 
 
 def _load(path: Path) -> ValuationRun:
@@ -99,9 +137,9 @@ def run(
         raise typer.Exit(EXIT_BAD_INPUT) from None
     except (RunFailed, StorageError) as e:
         err.print(f"[red]run failed:[/] {escape(str(e))}")
-        raise typer.Exit(1) from None
+        raise typer.Exit(EXIT_FAILED) from None
     except KeyboardInterrupt:
-        raise typer.Exit(130) from None
+        raise typer.Exit(EXIT_INTERRUPTED) from None
     out.print(results_table(outcome.results))
     for warning in outcome.results.get("warnings", []):
         err.print(f"[yellow]warning:[/] {escape(str(warning))}")
@@ -117,18 +155,45 @@ def run(
 def report(
     target: Annotated[str, typer.Argument(help="A run URI (path or s3://) or the manifest that made it.")],
 ) -> None:
-    """Print the Shapley table of a finished run again."""
+    """Print the Shapley table of a finished run again.
+
+    Exit 3 when there is no run at the path, 1 when the run has no results yet, 4 when its storage cannot be
+    read (for s3://: no credentials, wrong ones, or unreachable).
+    """
+    from . import layout
     from .results import load_results, results_table
     from .runstate import open_run
-    from .storage import open_storage
+    from .storage import StorageError, StorageUnavailable, open_storage
 
-    store = open_run(_load(Path(target))).store if Path(target).is_file() else open_storage(target)
+    local = "://" not in target or target.startswith("file://")
+    if local and not Path(target.removeprefix("file://")).exists():
+        err.print(f"[red]no run at {escape(target)}:[/] no such file or folder; give the run folder that "
+                  "`datacredit run` printed (`results: <run>/results/`) or the manifest that made it")
+        raise typer.Exit(EXIT_BAD_INPUT)
     try:
+        store = open_run(_load(Path(target))).store if local and Path(target).is_file() else open_storage(target)
+        if not store.exists(layout.RUN) and not store.exists(f"{layout.RESULTS}/shapley.json"):
+            hint = ""
+            parent = Path(target).parent
+            if local and (parent / layout.RUN).is_file():
+                hint = f"; did you mean {escape(str(parent))}?"
+            err.print(f"[red]no run at {escape(str(store.uri))}:[/] it holds no {layout.RUN}; give the run "
+                      f"folder that `datacredit run` printed or the manifest that made it{hint}")
+            raise typer.Exit(EXIT_BAD_INPUT)
         doc = load_results(store)
     except FileNotFoundError:
-        err.print(f"[red]no results yet[/] in {escape(str(store.uri))}: is the run finished? "
-                  "(`datacredit run` resumes it)")
-        raise typer.Exit(1) from None
+        err.print(f"[red]no results yet[/] in {escape(str(store.uri))}: the run has not finished "
+                  "(`datacredit run` on its manifest resumes it)")
+        raise typer.Exit(EXIT_FAILED) from None
+    except StorageUnavailable as e:
+        err.print(f"[red]storage unavailable:[/] {escape(str(e))}")
+        raise typer.Exit(EXIT_STORAGE) from None
+    except StorageError as e:
+        err.print(f"[red]cannot read the run:[/] {escape(str(e))}")
+        if "s3://" in str(e):  # an s3:// target, or a manifest whose storage is on S3
+            err.print("S3 credentials come from AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE); "
+                      "for MinIO and other S3-compatible stores also set AWS_ENDPOINT_URL_S3")
+        raise typer.Exit(EXIT_STORAGE) from None
     out.print(results_table(doc))
 
 
@@ -153,8 +218,8 @@ def payout(
                                                     "YYYY-MM-DD).")] = None,
     carry: Annotated[str | None, typer.Option(help="The previous payout: its JSON file, or its period in this "
                                                    "run's payouts/. What it carried over is paid first.")] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing payouts/PERIOD.json "
-                                                                "that differs.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite/--no-overwrite", help="Replace an existing "
+                                            "payouts/PERIOD.json that differs.")] = False,
 ) -> None:
     """Split a pool among the contributors of a finished run, exact to the minor unit; write `payouts/PERIOD.*`.
 
@@ -234,37 +299,70 @@ def _print_checks(doc: dict[str, Any]) -> None:
 def estimate(
     table: Annotated[Path, typer.Option(help="utilities.jsonl of a run: one {members, utility} per line.")],
     method: Annotated[str, typer.Option(help="kernel | exact | permutation | banzhaf | loo")] = "kernel",
-    players: Annotated[int | None, typer.Option(help="Number of contributors (default: from the table).")] = None,
+    players: Annotated[int | None, typer.Option(help="Number of contributors (default: from the names, else "
+                                                     "the table).")] = None,
+    names: Annotated[str | None, typer.Option(help="Contributor names (and the run's plan) from this run: its "
+                                                   "folder or URI, or its results/shapley.json (default: the "
+                                                   "shapley.json next to a table in a run's results/).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of the table.")] = False,
+    as_csv: Annotated[bool, typer.Option("--csv", help="Print CSV instead of the table.")] = False,
 ) -> None:
-    """Re-estimate values offline from stored coalition utilities, without re-running GPUs."""
+    """Re-estimate values offline from stored coalition utilities, without re-running GPUs.
+
+    The method is computed as asked or refused with the reason: **exact** needs all 2^n coalitions, **loo**
+    every leave-one-out coalition, **permutation** all 2^n coalitions or the permutation chains of the run that
+    made the table (`--names` with that run); **kernel** and **banzhaf** regress over what the table holds.
+    Utilities under replicate seeds add the between-seed noise to the intervals.
+    """
     from rich.table import Table
 
-    from .shapley import estimate_from_table, read_jsonl
+    from .reestimate import CannotEstimate, read_rows, reestimate, run_info, run_info_near, to_csv, to_json
+    from .storage import StorageError
 
+    if as_json and as_csv:
+        raise typer.BadParameter("choose one of --json and --csv", param_hint="--json/--csv")
     if not table.is_file():
         err.print(f"[red]no such file[/] {escape(str(table))}")
         raise typer.Exit(EXIT_BAD_INPUT)
-    rows = read_jsonl(table)
-    n = players or 1 + max((max(r.members) for r in rows if len(r.members)), default=-1)
     try:
-        est = estimate_from_table(rows, n_players=n, method=method)
-    except (ValueError, KeyError) as e:
+        run = run_info(names) if names else run_info_near(table)
+        result = reestimate(read_rows(table), method, n_players=players, run=run)
+    except CannotEstimate as e:
         err.print(f"[red]cannot estimate[/] {escape(str(method))} from {escape(str(table))}: {escape(str(e))}")
         raise typer.Exit(EXIT_BAD_INPUT) from None
-    t = Table(title=f"{method} from {len(rows)} coalitions")
+    except StorageError as e:
+        err.print(f"[red]cannot read --names:[/] {escape(str(e))}")
+        raise typer.Exit(EXIT_STORAGE) from None
+    if as_json:
+        sys.stdout.write(to_json(result, str(table)))
+        return
+    if as_csv:
+        sys.stdout.write(to_csv(result))
+        return
+    est = result.estimate
+    t = Table(title=f"{method}: {result.computed}, from {result.rows} rows of {escape(str(table))}",
+              title_justify="left")
     t.add_column("player", justify="right")
+    if result.names:
+        t.add_column("contributor")
     t.add_column("value", justify="right")
     t.add_column("stderr", justify="right")
-    for i in range(n):
-        t.add_row(str(i), f"{est.values[i]:+.5f}", f"{est.stderr[i]:.5f}")
+    t.add_column("± 95%", justify="right")
+    for i in range(result.n_players):
+        cells = [str(i), *([escape(result.names[i])] if result.names else [])]
+        t.add_row(*cells, f"{est.values[i]:+.5f}", f"{est.stderr[i]:.5f}", f"{1.96 * est.stderr[i]:.5f}")
+    if run is not None and result.names:
+        t.caption = f"names from {escape(run.source)}"
     out.print(t)
 
 
 @app.command()
 def demo(
-    quick: Annotated[bool, typer.Option("--quick", help="Toy size, about a minute: a first look.")] = False,
+    quick: Annotated[bool, typer.Option("--quick/--no-quick", help="Toy size, about a minute: a first look.")]
+    = False,
     directory: Annotated[Path, typer.Option("--dir", help="Where data, manifest and run go.")] = Path("demo-run"),
-    data_only: Annotated[bool, typer.Option("--data-only", help="Only write the data set and manifest.")] = False,
+    data_only: Annotated[bool, typer.Option("--data-only/--no-data-only", help="Only write the data set and "
+                                                                                "manifest.")] = False,
 ) -> None:
     """Value 10 contributors of handwritten digits (3 planted bad) for image quality, on CPU.
 
@@ -411,13 +509,17 @@ def worker_prepare(
     endpoint: Annotated[str, typer.Option(help="S3 endpoint URL (else AWS_ENDPOINT_URL_S3).")] = "",
     region: Annotated[str, typer.Option()] = "",
 ) -> None:
-    """Load data, train or load the full model, prune, fine-tune on all data; write prepare/result.json."""
+    """Load data, train or load the full model, prune, fine-tune on all data; write `prepare/result.json`.
+
+    Prints a plain line per stage and about ten per training to stdout, so the log of a prepare Job shows
+    where it is.
+    """
     from .dataset import DatasetError
     from .jobs.worker import run_prepare
     from .storage import S3Options, StorageUnavailable
 
     try:
-        run_prepare(run_uri, options=S3Options(endpoint=endpoint, region=region), progress=sys.stderr.isatty())
+        run_prepare(run_uri, options=S3Options(endpoint=endpoint, region=region), progress=True)
     except (DatasetError, SpecError) as e:
         err.print(f"[red]bad input:[/] {escape(str(e))}")
         raise typer.Exit(EXIT_BAD_INPUT) from None
@@ -434,7 +536,7 @@ def worker_coalition(
     endpoint: Annotated[str, typer.Option(help="S3 endpoint URL (else AWS_ENDPOINT_URL_S3).")] = "",
     region: Annotated[str, typer.Option()] = "",
 ) -> None:
-    """Fine-tune the sparsified model on a coalition, sample, score; write coalitions/<id>/result.json."""
+    """Fine-tune the sparsified model on a coalition, sample, score; write `coalitions/<id>/result.json`."""
     from .dataset import DatasetError
     from .jobs.worker import run_coalition
     from .storage import S3Options, StorageUnavailable

@@ -47,6 +47,9 @@ def finish_run(store: Storage, run: ValuationRun, planner: Planner, contributors
         stop_reason=str(est.stop_reason),
         wall_seconds=wall_seconds,
         fidelity=fidelity_of(store, run),
+        estimator={"budget": run.spec.estimator.budget, "seed": run.spec.estimator.seed,
+                   "tolerance": run.spec.estimator.tolerance},
+        config_hash=run.config_hash(),
     )
     doc["sumOfValues"] = float(np.sum(est.values))
     doc["sumMeans"] = SUM_MEANS

@@ -12,15 +12,17 @@ from typing import Any
 import numpy as np
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from . import layout
 from .finish import finish_run
 from .ids import coalition_id
 from .planner import Planner
+from .progress import console as adaptive_console
+from .progress import progress_for
 from .runstate import RunRef, member_indices, open_run, planner_for, read_manifest, replicate_utilities, utility_row
 from .spec import ValuationRun
-from .storage import read_json, write_json
+from .storage import Storage, read_json, write_json
 
 
 class RunFailed(RuntimeError):
@@ -55,12 +57,49 @@ def _top_line(planner: Planner, names: list[str], k: int = 3) -> str:
     return "top: " + ", ".join(f"{names[i]} {est.values[i]:+.3f}" for i in order)
 
 
+def coalition_label(coalition: np.ndarray, names: list[str], limit: int = 8) -> str:
+    """A coalition for a log line: ``{ann, bob}``, ``{} (∅)``, ``all 4``, ``all but {noise}``, or for large
+    coalitions the size and the first ``limit`` names: ``{120 of 258: a, b, …}``. Names are never shortened."""
+    members = [names[i] for i in np.flatnonzero(coalition)]
+    n, k = len(names), len(members)
+    if k == 0:
+        return "{} (∅)"
+    if k == n:
+        return f"all {n}"
+    if k <= limit:
+        return "{" + ", ".join(members) + "}"
+    if n - k <= limit:
+        return "all but {" + ", ".join(names[i] for i in np.flatnonzero(~coalition)) + "}"
+    return "{" + f"{k} of {n}: " + ", ".join(members[:limit]) + ", …}"
+
+
+def _earlier_wall_seconds(store: Storage, config_hash: str) -> float | None:
+    """``wallClockSeconds`` of results an earlier invocation left for this configuration, if any."""
+    key = f"{layout.RESULTS}/shapley.json"
+    if not store.exists(key):
+        return None
+    try:
+        doc = read_json(store, key)
+    except ValueError:  # unreadable: new results replace it
+        return None
+    if doc.get("configHash", config_hash) != config_hash or not isinstance(doc.get("wallClockSeconds"), int | float):
+        return None
+    return float(doc["wallClockSeconds"])
+
+
 def execute(run: ValuationRun, *, workers: int | None = None, console: Console | None = None) -> Outcome:
-    """Run (or resume) a valuation locally and write its results; coalitions already in storage are skipped."""
-    console = console or Console(stderr=True)
+    """Run (or resume) a valuation locally and write its results; coalitions already in storage are skipped.
+
+    Progress goes to ``console`` (default: stderr): a live bar in a terminal, else one line per finished
+    coalition (:class:`~datacredit.progress.PlainProgress`). ``wallClockSeconds`` of the results adds this
+    invocation's time to the earlier results' (a finished run resumed with nothing left to do keeps its own).
+    """
+    console = console or adaptive_console(stderr=True)
     started = time.monotonic()
     ref = open_run(run)
     store = ref.store
+    earlier_wall = _earlier_wall_seconds(store, ref.config_hash)
+    prepared_now = False
     existing = store.exists(layout.RUN)
     if not existing:
         write_json(store, layout.RUN, {"manifest": run.to_manifest(), "configHash": run.config_hash()})
@@ -71,6 +110,7 @@ def execute(run: ValuationRun, *, workers: int | None = None, console: Console |
 
         console.print("[bold]prepare[/]: load data, train or load the model, prune, fine-tune on all data")
         run_prepare(ref.uri, options=ref.options, progress=True)
+        prepared_now = True
     prep = read_json(store, layout.PREPARE_RESULT)
     console.print(f"prepare done: {escape(str(prep.get('summary', '')))}")
 
@@ -84,7 +124,7 @@ def execute(run: ValuationRun, *, workers: int | None = None, console: Console |
     max_attempts = run.spec.execution.max_attempts_per_coalition
     attempts: dict[str, int] = {}
     failed: list[str] = []
-    pending: dict[Future[dict[str, Any]], tuple[np.ndarray, str]] = {}
+    pending: dict[Future[dict[str, Any]], tuple[np.ndarray, str, float]] = {}
     told: list[dict[str, Any]] = []
     done_before = 0
 
@@ -93,13 +133,14 @@ def execute(run: ValuationRun, *, workers: int | None = None, console: Console |
     ctx = mp.get_context("spawn")
     pool = ProcessPoolExecutor(parallel, mp_context=ctx, initializer=_init_worker, initargs=(threads,))
     try:
-        with Progress(*columns, console=console, transient=False) as bar:
-            task = bar.add_task("coalitions", total=len(planner.sequence), top="")
+        with progress_for(console, *columns) as bar:  # a line per coalition when stderr is not a terminal
+            task = bar.add_task("coalition", total=len(planner.sequence), top="")
+            finished_count = 0
 
             def submit(coal: np.ndarray, cid: str) -> None:
                 attempts[cid] = attempts.get(cid, 0) + 1
                 fut = pool.submit(_coalition_task, ref.uri, s3, member_indices(coal), attempts[cid])
-                pending[fut] = (coal, cid)
+                pending[fut] = (coal, cid, time.monotonic())
 
             while True:
                 while len(pending) < parallel:
@@ -112,14 +153,16 @@ def execute(run: ValuationRun, *, workers: int | None = None, console: Console |
                         told.append(_told(coal, read_json(store, layout.coalition_result(cid))))
                         planner.tell(coal, told[-1]["utility"], told[-1].get("replicates", ()))
                         done_before += 1
-                        bar.update(task, advance=1)
+                        finished_count += 1
+                        bar.update(task, advance=1, quiet=True)
                         continue
                     submit(coal, cid)
                 if not pending:
                     break
                 finished, _ = wait(list(pending), return_when=FIRST_COMPLETED)
                 for fut in finished:
-                    coal, cid = pending.pop(fut)
+                    coal, cid, submitted = pending.pop(fut)
+                    label = coalition_label(coal, names)
                     try:
                         res = fut.result()
                     except Exception as e:  # noqa: BLE001 - a failed attempt is reported and retried
@@ -135,12 +178,16 @@ def execute(run: ValuationRun, *, workers: int | None = None, console: Console |
                                 f"(execution.maxFailedCoalitions={run.spec.execution.max_failed_coalitions}); "
                                 f"finished coalitions are kept in {ref.uri}: fix the cause and rerun to resume"
                             ) from e
-                        bar.update(task, advance=1)
+                        finished_count += 1
+                        bar.update(task, advance=1, note=f"{label} failed after {attempts[cid]} attempt(s)",
+                                   seconds=time.monotonic() - submitted)
                         continue
                     told.append(_told(coal, res))
                     planner.tell(coal, told[-1]["utility"], told[-1].get("replicates", ()))
-                    bar.update(task, advance=1, top=_top_line(planner, names))
-            bar.update(task, total=bar.tasks[0].completed)
+                    finished_count += 1
+                    bar.update(task, advance=1, top=_top_line(planner, names),
+                               note=f"{label} utility {told[-1]['utility']:.4f}", seconds=time.monotonic() - submitted)
+            bar.update(task, total=finished_count)  # a run that converged early ends before its plan does
     except KeyboardInterrupt:
         pool.shutdown(wait=False, cancel_futures=True)
         console.print(f"\n[yellow]interrupted[/]: finished coalitions are stored; rerun the same command to resume "
@@ -151,8 +198,10 @@ def execute(run: ValuationRun, *, workers: int | None = None, console: Console |
 
     if done_before:
         console.print(f"reused {done_before} coalition result(s) already in storage")
-    doc = finish_run(store, run, planner, manifest["contributors"], _in_plan_order(planner, told),
-                     time.monotonic() - started)
+    elapsed = time.monotonic() - started
+    if earlier_wall is not None:  # resumed after results were written: keep their time
+        elapsed = earlier_wall + elapsed if prepared_now or attempts else earlier_wall  # else nothing ran now
+    doc = finish_run(store, run, planner, manifest["contributors"], _in_plan_order(planner, told), elapsed)
     return Outcome(ref, doc)
 
 

@@ -30,10 +30,16 @@ def build_results(
     stop_reason: str,
     wall_seconds: float,
     fidelity: dict[str, Any] | None = None,
+    estimator: dict[str, Any] | None = None,
+    config_hash: str | None = None,
 ) -> dict[str, Any]:
-    """The shapley.json document: contributors sorted by value, best first. ``fidelity`` (from
+    """The shapley.json document: contributors sorted by value, best first, each with its ``index`` (the
+    player index of manifest.json and utilities.jsonl). ``fidelity`` (from
     :func:`datacredit.calibration.fidelity_of`) is kept as ``fidelity``; below its threshold it adds a
-    ``warnings`` entry."""
+    ``warnings`` entry. ``version`` is the datacredit that wrote it; ``estimator`` (budget, seed, tolerance, ...)
+    and ``configHash`` say what run settings made it, when given."""
+    from . import package_version
+
     order = np.argsort(-values, kind="stable")
     rows = []
     for rank, i in enumerate(order, start=1):
@@ -43,6 +49,7 @@ def build_results(
             {
                 "name": c["name"],
                 "id": c["id"],
+                "index": int(i),
                 "images": c.get("images", 0),
                 "value": v,
                 "stderr": s,
@@ -51,6 +58,7 @@ def build_results(
             }
         )
     doc: dict[str, Any] = {
+        "version": package_version(),
         "run": run_name,
         "property": property_name,
         "method": method,
@@ -62,6 +70,10 @@ def build_results(
         "wallClockSeconds": round(wall_seconds, 1),
         "contributors": rows,
     }
+    if estimator is not None:
+        doc["estimator"] = dict(estimator)
+    if config_hash is not None:
+        doc["configHash"] = config_hash
     if fidelity is not None:
         doc["fidelity"] = fidelity
         warning = fidelity_warning(fidelity)
@@ -81,8 +93,18 @@ def to_csv(doc: dict[str, Any]) -> str:
     return buf.getvalue()
 
 
+#: Above this many contributors, values.png shows the best and worst :data:`PLOT_EACH_END` and a histogram.
+PLOT_ALL_UP_TO = 40
+PLOT_EACH_END = 20
+
+
 def plot_png(doc: dict[str, Any]) -> bytes | None:
-    """A horizontal bar chart of the values with 95% error bars; None when matplotlib is not installed."""
+    """A horizontal bar chart of the values with 95% error bars; None when matplotlib is not installed.
+
+    Up to :data:`PLOT_ALL_UP_TO` contributors every one gets a bar; above, the top and bottom
+    :data:`PLOT_EACH_END` do (the rest are counted on the chart) and a histogram of all values is added, so the
+    image stays readable and its size bounded whatever the number of contributors.
+    """
     try:
         import matplotlib
 
@@ -90,14 +112,37 @@ def plot_png(doc: dict[str, Any]) -> bytes | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    rows = doc["contributors"][::-1]
-    fig, ax = plt.subplots(figsize=(7, 0.45 * len(rows) + 1.6))
+    everyone = doc["contributors"]
+    many = len(everyone) > PLOT_ALL_UP_TO
+    shown = [*everyone[:PLOT_EACH_END], *everyone[-PLOT_EACH_END:]] if many else list(everyone)
+    rows = shown[::-1]
+    labels = [f"{r['rank']}. {r['name']}" if many else r["name"] for r in rows]
+    bars_height = (0.3 if many else 0.45) * len(rows) + 1.6
+    width = min(14.0, 7 + 0.065 * max(0, max(map(len, labels), default=0) - 24))  # room for long names
+    if many:
+        fig, (ax, hist) = plt.subplots(2, 1, figsize=(width, bars_height + 2.6),
+                                       gridspec_kw={"height_ratios": [bars_height, 2.6]})
+    else:
+        fig, ax = plt.subplots(figsize=(width, bars_height))
     vals = [r["value"] for r in rows]
     colors = ["#c0392b" if v < 0 else "#2e86c1" for v in vals]
-    ax.barh([r["name"] for r in rows], vals, xerr=[1.96 * r["stderr"] for r in rows], color=colors, capsize=3)
+    ax.barh(range(len(rows)), vals, xerr=[1.96 * r["stderr"] for r in rows], color=colors, capsize=3)
+    ax.set_yticks(range(len(rows)), labels, fontsize=8 if many else None)
+    ax.set_ylim(-0.6, len(rows) - 0.4)
     ax.axvline(0, color="black", linewidth=0.8)
     ax.set_xlabel(f"Shapley value of {doc['property']} (95% interval)")
-    ax.set_title(f"{doc['run']}: {doc['evaluations']} coalitions, v(full)={doc['vFull']:.3g}, v(∅)={doc['vEmpty']:.3g}")
+    title = f"{doc['run']}: {doc['evaluations']} coalitions, v(full)={doc['vFull']:.3g}, v(∅)={doc['vEmpty']:.3g}"
+    if many:
+        hidden = len(everyone) - len(shown)
+        ax.axhline(PLOT_EACH_END - 0.5, color="grey", linestyle=":", linewidth=1)
+        ax.text(0.99, PLOT_EACH_END - 0.5, f"{hidden} more between", transform=ax.get_yaxis_transform(),
+                ha="right", va="center", fontsize=8, color="grey", backgroundcolor="white")
+        title += f"\ntop and bottom {PLOT_EACH_END} of {len(everyone)} contributors"
+        hist.hist([r["value"] for r in everyone], bins=min(50, max(10, len(everyone) // 5)), color="#7f8c8d")
+        hist.axvline(0, color="black", linewidth=0.8)
+        hist.set_xlabel(f"Shapley value, all {len(everyone)} contributors")
+        hist.set_ylabel("contributors")
+    ax.set_title(title)
     fig.tight_layout()
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "values.png"

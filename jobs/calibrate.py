@@ -25,12 +25,14 @@ from typing import Any
 
 import numpy as np
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from datacredit import calibration as cal
 from datacredit import evaluation as ev
 from datacredit import layout
 from datacredit.ids import coalition_id, contributor_id
+from datacredit.progress import ProgressBar, progress_for
+from datacredit.progress import console as adaptive_console
 from datacredit.seeds import coalition_seeds
 from datacredit.storage import S3Options, open_storage, read_json, upload_dir, write_json
 
@@ -70,7 +72,7 @@ def calibration_coalitions(n: int, count: int, seed: int) -> list[tuple[int, ...
 class Sweep:
     """The sparsified-FT utilities of the grid: read from and appended to ``calibration/sweep.jsonl``."""
 
-    def __init__(self, gt: GroundTruth, progress: Progress | None):
+    def __init__(self, gt: GroundTruth, progress: ProgressBar | None):
         self.gt, self.progress, self.store = gt, progress, gt.store
         s = gt.p.run.spec
         self.config = ev.config_digest({"run": gt.p.manifest["configHash"], "lr": s.method.finetune.learning_rate,
@@ -206,13 +208,13 @@ def calibrate(run_uri: str, settings: CalibrationSettings, *, options: S3Options
     """Calibrate a prepared run (module docstring); writes ``calibration/report.json`` and returns it.
     ``on_truth`` sees the ground-truth object at the end (tests count retrains)."""
     options = options or S3Options()
-    console = console or Console(stderr=True)
+    console = console or adaptive_console(stderr=True)
     store = open_storage(run_uri, options)
     own, cells = _grid(load_run(store), settings)  # bad options fail before any model is loaded
     set_threads()
     columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("eta"), TimeRemainingColumn()]
-    with Progress(*columns, console=console) as bar:
+    with progress_for(console, *columns) as bar:  # plain lines when not a terminal
         gt = GroundTruth(run_uri, options, bar)
         run, manifest = gt.p.run, gt.p.manifest
         n = len(manifest["contributors"])

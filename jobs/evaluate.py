@@ -25,10 +25,12 @@ from typing import Any
 import numpy as np
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from datacredit import evaluation as ev
 from datacredit import layout
+from datacredit.progress import ProgressBar, progress_for
+from datacredit.progress import console as adaptive_console
 from datacredit.results import load_results
 from datacredit.runstate import planner_for
 from datacredit.seeds import Seeds
@@ -75,7 +77,7 @@ class EvalSettings:
 class GroundTruth:
     """Retrained / fine-tuned utilities of a run, read from and appended to ``evaluation/<kind>.jsonl``."""
 
-    def __init__(self, run_uri: str, options: S3Options, progress: Progress | None = None):
+    def __init__(self, run_uri: str, options: S3Options, progress: ProgressBar | None = None):
         self.store = open_storage(run_uri, options)
         family = load_run(self.store).spec.model.family
         if family not in SUPPORTED_FAMILIES:
@@ -266,12 +268,12 @@ def evaluate(run_uri: str, settings: EvalSettings, *, options: S3Options | None 
     if unknown:
         raise EvaluationError(f"--baselines: unknown {', '.join(sorted(unknown))}; choose from {', '.join(BASELINES)}")
     options = options or S3Options()
-    console = console or Console(stderr=True)
+    console = console or adaptive_console(stderr=True)
     set_threads()
     store = open_storage(run_uri, options)
     columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("eta"), TimeRemainingColumn()]
-    with Progress(*columns, console=console) as bar:
+    with progress_for(console, *columns) as bar:  # plain lines when not a terminal
         gt = GroundTruth(run_uri, options, bar)
         run, manifest = gt.p.run, gt.p.manifest
         names = [c["name"] for c in manifest["contributors"]]

@@ -67,6 +67,9 @@ def prepare_sparsified(
     t0 = time.perf_counter()
     pruned, stats = prune_unet(copy.deepcopy(full.inference_model), prune_ratio, importance, seed=seed)
     seconds["prune"] = time.perf_counter() - t0
+    if progress is True:  # a callback reports training steps only
+        print(f"prune: ratio {prune_ratio:g} ({importance}): params {count_params(full.model):,} -> "
+              f"{count_params(pruned):,} in {seconds['prune']:.1f} s", flush=True)
     t0 = time.perf_counter()
     result = train_ddpm(pruned, images, finetune_steps, finetune_lr, batch_size, seed=seed + 1,
                         progress=progress, desc="fine-tune pruned")

@@ -209,11 +209,21 @@ def _reference(run: ValuationRun, options: S3Options, size: int, data: TrainData
     return _to_tensor(np.stack(imgs)), (np.asarray(labels) if labelled else None)
 
 
+def _stage(progress: bool, text: str) -> None:
+    """A plain progress line of prepare (stdout, flushed: the log of a prepare Job)."""
+    if progress:
+        print(f"prepare: {text}", flush=True)
+
+
 def run_prepare(run_uri: str, *, options: S3Options | None = None, progress: bool = False) -> dict[str, Any]:
-    """The prepare step; idempotent (returns the stored result when prepare/result.json exists)."""
+    """The prepare step; idempotent (returns the stored result when prepare/result.json exists).
+
+    ``progress`` prints plain lines to stdout: one per stage (data, model, property) and about ten per training.
+    """
     options = options or S3Options()
     store = open_storage(run_uri, options)
     if store.exists(layout.PREPARE_RESULT):
+        _stage(progress, f"already done in {store.uri}")
         return read_json(store, layout.PREPARE_RESULT)
     set_threads()
     run = load_run(store)
@@ -221,6 +231,7 @@ def run_prepare(run_uri: str, *, options: S3Options | None = None, progress: boo
     family, assets = get_family(s.model.family), _assets(options)
     seconds: dict[str, float] = {}
     t0 = time.monotonic()
+    _stage(progress, f"data: reading {s.dataset.images}")
     size = family.resolution(run, assets)
     images, owner, captions, table = _load_dataset(run, options, size)
     buf = io.BytesIO()
@@ -228,17 +239,25 @@ def run_prepare(run_uri: str, *, options: S3Options | None = None, progress: boo
     store.write_bytes(layout.DATASET, buf.getvalue())
     seconds["data"] = time.monotonic() - t0
     data = TrainData(_to_tensor(images), owner, captions)
+    _stage(progress, f"data: {len(images)} images of {len(table['contributors'])} contributors at {size} px "
+                     f"({len(table['skipped'])} skipped) in {seconds['data']:.1f} s")
 
     with tempfile.TemporaryDirectory() as d:
+        _stage(progress, f"model: {s.model.family}: train or load, prune, fine-tune on all data")
+        t0 = time.monotonic()
         info = family.prepare(run, data, Path(d) / "sparsified", assets, progress=progress)
         seconds.update(info["seconds"])
         upload_dir(store, layout.SPARSIFIED, Path(d) / "sparsified")
+        _stage(progress, f"model: params {info['params_full']:,} -> {info['params_pruned']:,} in "
+                         f"{time.monotonic() - t0:.1f} s")
         t0 = time.monotonic()
+        _stage(progress, f"property: fitting {s.property.name}")
         prop = property_for(s.property, assets.get)
         ref, labels = _reference(run, options, size, data)
         prop.fit(ref, labels, Path(d) / "property", seed=PROPERTY_SEED)
         upload_dir(store, layout.PROPERTY_CACHE, Path(d) / "property")
         seconds["property_fit"] = time.monotonic() - t0
+        _stage(progress, f"property: fitted in {seconds['property_fit']:.1f} s")
 
     manifest = {
         "manifest": run.to_manifest(),
@@ -263,6 +282,7 @@ def run_prepare(run_uri: str, *, options: S3Options | None = None, progress: boo
                     f"{info['params_pruned']:,}"),
     }
     write_json(store, layout.PREPARE_RESULT, result)
+    _stage(progress, f"done: {result['summary']}")
     return result
 
 

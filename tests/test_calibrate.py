@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -210,6 +211,9 @@ def test_calibrate_stores_reuses_and_recommends(tiny_data: TinyData, tmp_path: P
     assert res.exit_code == 0, res.output
     assert ref.store.exists("prepare/result.json") and ref.store.exists(cal.REPORT)
     assert "Pearson" in res.output and "retrained now: 4" in res.output and "rule:" in res.output
+    # not a terminal: a plain line per finished step, not a live bar
+    assert re.search(r"^calibration retrains \d+/4 \(.+\) eta \S+$", res.output, re.M), res.output
+    assert re.search(r"^sparsified-FT sweep \d+/\d+ \(.+\) eta \S+$", res.output, re.M), res.output
 
     seen: list[GroundTruth] = []
     report = calibrate(ref.uri, CalibrationSettings(coalitions=4, steps="0.5x,1x", ratios="0.3,0.5"),

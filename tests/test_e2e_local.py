@@ -56,6 +56,11 @@ def test_local_run_exact_resume_and_determinism(tiny_data: TinyData, tmp_path: P
     again = execute(run).results
     assert _values(again) == _values(first)
     assert {k: (store.root / k).stat().st_mtime_ns for k in stamps} == stamps
+    assert again["wallClockSeconds"] == first["wallClockSeconds"] > 0  # nothing ran: the run's own time is kept
+    assert first["configHash"] == run.config_hash() and first["version"]
+    assert first["estimator"] == {"budget": 16, "seed": 0, "tolerance": run.spec.estimator.tolerance}
+    (store.root / sorted(stamps)[0]).unlink()  # one coalition to evaluate again: its time is added
+    assert execute(run).results["wallClockSeconds"] > first["wallClockSeconds"]
 
     # the same seed in a fresh storage gives the same values
     fresh = parse_manifest({**manifest, "spec": {**manifest["spec"], "storage": {"uri": str(tmp_path / "b")}}})
