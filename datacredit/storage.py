@@ -73,12 +73,18 @@ class LocalStorage:
         except FileNotFoundError:
             raise FileNotFoundError(f"{self.uri}/{key}: not found") from None
 
+    def _temp_beside(self, path: Path) -> tuple[int, str]:
+        """An open temp file next to `path` (same filesystem, so it can be renamed onto it), with the mode
+        open() would give (mkstemp makes 0600; results are for the team to read)."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        os.fchmod(fd, _FILE_MODE)
+        return fd, tmp
+
     def write_bytes(self, key: str, data: bytes, *, if_absent: bool = False) -> bool:
         """Write atomically; with if_absent, keep an existing object and return False."""
         path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-        os.fchmod(fd, _FILE_MODE)  # mkstemp makes 0600; results are for the team to read
+        fd, tmp = self._temp_beside(path)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         if if_absent:
@@ -118,11 +124,9 @@ class LocalStorage:
     def upload_file(self, key: str, path: Path) -> None:
         """Copy a local file to ``key`` (atomically), without reading it into memory."""
         dest = self._path(key)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".tmp-")
-        os.close(fd)
-        shutil.copyfile(path, tmp)
-        os.chmod(tmp, _FILE_MODE)
+        fd, tmp = self._temp_beside(dest)
+        with os.fdopen(fd, "wb") as out, path.open("rb") as src:
+            shutil.copyfileobj(src, out)
         os.replace(tmp, dest)
 
     def download_file(self, key: str, path: Path) -> None:

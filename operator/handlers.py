@@ -216,9 +216,10 @@ def _waiting(body: kopf.Body, run: ValuationRun, jobs: list[Any], uid: str, name
     candidates = waiting_candidates(jobs, now, WAITING_AFTER)
     waiting = None
     if candidates:
-        pods = client.CoreV1Api().list_namespaced_pod(namespace, label_selector=f"{LABEL_RUN_UID}={uid}").items
-        serialize = client.ApiClient().sanitize_for_serialization
-        waiting = waiting_of(candidates, [serialize(p) for p in pods], run.spec.execution.service_account_name)
+        response = client.CoreV1Api().list_namespaced_pod(namespace, label_selector=f"{LABEL_RUN_UID}={uid}",
+                                                          _preload_content=False)  # the API's own camelCase
+        pods = json.loads(response.data)["items"]
+        waiting = waiting_of(candidates, pods, run.spec.execution.service_account_name)
     message = waiting.message if waiting else ""
     if waiting is not None and message != memory.last_waiting:
         kopf.warn(body, reason="Waiting", message=message[:1000])
