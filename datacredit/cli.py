@@ -12,12 +12,10 @@ from rich.markup import escape
 
 from .progress import console
 from .spec import SpecError, ValuationRun, load_manifest
+from .vocabulary import ExitCode
 
-EXIT_FAILED = 1  # the work failed (a run with too many failed coalitions, a run without results yet)
-EXIT_USAGE = 2  # unknown option, missing or malformed argument (click's own code)
-EXIT_BAD_INPUT = 3  # bad manifest or data: retrying cannot help (Jobs fail fast on it)
-EXIT_STORAGE = 4  # storage unreachable for longer than the patience: an outage, worth retrying later
-EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT); what finished is kept, the same command resumes
+EXIT_FAILED, EXIT_USAGE, EXIT_BAD_INPUT = ExitCode.FAILED, ExitCode.USAGE, ExitCode.BAD_INPUT
+EXIT_STORAGE, EXIT_INTERRUPTED = ExitCode.STORAGE, ExitCode.INTERRUPTED
 
 EXIT_CODES = (
     "**Exit codes:** 0 done; 1 failed (e.g. too many coalitions failed, or no results yet); 2 usage "
@@ -115,7 +113,7 @@ def run(
 ) -> None:
     """Run a valuation on this machine; rerun the same command to resume after a stop or Ctrl-C."""
     from . import layout
-    from .dataset import DatasetError
+    from .errors import BadInput
     from .local import RunFailed, execute
     from .preflight import preflight
     from .results import results_table
@@ -132,7 +130,7 @@ def run(
             if problems:
                 raise SpecError(str(manifest), problems)
         outcome = execute(vr, workers=workers)
-    except (DatasetError, SpecError) as e:
+    except BadInput as e:  # SpecError is one too
         err.print(f"[red]bad input:[/] {escape(str(e))}")
         raise typer.Exit(EXIT_BAD_INPUT) from None
     except (RunFailed, StorageError) as e:
@@ -397,7 +395,6 @@ def evaluate(
     Every retrained utility is stored under `evaluation/` in the run and reused by later calls, so a second
     call (or another estimator) costs no retraining. Writes `evaluation/report.json`. Only the `ddpm` family.
     """
-    from .dataset import DatasetError
     from .jobs.evaluate import EvalSettings, EvaluationError, report_tables
     from .jobs.evaluate import evaluate as run_evaluation
     from .runstate import open_run
@@ -413,7 +410,7 @@ def evaluate(
                             baselines=tuple(b.strip() for b in baselines.split(",") if b.strip()), interval=interval)
     try:
         report = run_evaluation(ref.uri if ref else target, settings, options=ref.options if ref else None)
-    except (EvaluationError, DatasetError, SpecError, ValueError) as e:
+    except (EvaluationError, ValueError) as e:  # BadInput and SpecError are ValueErrors
         err.print(f"[red]cannot evaluate:[/] {escape(str(e))}")
         raise typer.Exit(EXIT_BAD_INPUT) from None
     for table in report_tables(report):
@@ -451,7 +448,7 @@ def calibrate(
         err.print(f"[red]no such manifest or run folder:[/] {escape(str(target))}")
         raise typer.Exit(EXIT_BAD_INPUT)
     from . import layout
-    from .dataset import DatasetError
+    from .errors import BadInput
     from .jobs.calibrate import CalibrationSettings, recommendation_text, report_table
     from .jobs.calibrate import calibrate as run_calibration
     from .jobs.evaluate import SUPPORTED_FAMILIES, EvaluationError
@@ -477,13 +474,13 @@ def calibrate(
             err.print("[bold]prepare[/]: load data, train or load the model, prune, fine-tune on all data")
             try:
                 run_prepare(ref.uri, options=ref.options, progress=True)
-            except (DatasetError, SpecError) as e:
+            except BadInput as e:  # SpecError is one too
                 err.print(f"[red]bad input:[/] {escape(str(e))}")
                 raise typer.Exit(EXIT_BAD_INPUT) from None
     settings = CalibrationSettings(coalitions=coalitions, steps=steps, ratios=ratios, seeds=seeds)
     try:
         report = run_calibration(uri, settings, options=options)
-    except (EvaluationError, DatasetError, SpecError, ValueError) as e:  # CalibrationError is a ValueError
+    except (EvaluationError, ValueError) as e:  # BadInput, SpecError and CalibrationError are ValueErrors
         err.print(f"[red]cannot calibrate:[/] {escape(str(e))}")
         raise typer.Exit(EXIT_BAD_INPUT) from None
     except StorageError as e:
@@ -514,13 +511,13 @@ def worker_prepare(
     Prints a plain line per stage and about ten per training to stdout, so the log of a prepare Job shows
     where it is.
     """
-    from .dataset import DatasetError
+    from .errors import BadInput
     from .jobs.worker import run_prepare
     from .storage import S3Options, StorageUnavailable
 
     try:
         run_prepare(run_uri, options=S3Options(endpoint=endpoint, region=region), progress=True)
-    except (DatasetError, SpecError) as e:
+    except BadInput as e:  # SpecError is one too
         err.print(f"[red]bad input:[/] {escape(str(e))}")
         raise typer.Exit(EXIT_BAD_INPUT) from None
     except StorageUnavailable as e:
@@ -537,7 +534,7 @@ def worker_coalition(
     region: Annotated[str, typer.Option()] = "",
 ) -> None:
     """Fine-tune the sparsified model on a coalition, sample, score; write `coalitions/<id>/result.json`."""
-    from .dataset import DatasetError
+    from .errors import BadInput, NotReady
     from .jobs.worker import run_coalition
     from .storage import S3Options, StorageUnavailable
 
@@ -548,9 +545,12 @@ def worker_coalition(
         raise typer.Exit(EXIT_BAD_INPUT) from None
     try:
         res = run_coalition(run_uri, idx, attempt=attempt, options=S3Options(endpoint=endpoint, region=region))
-    except (DatasetError, SpecError) as e:
+    except BadInput as e:  # SpecError is one too
         err.print(f"[red]bad input:[/] {escape(str(e))}")
         raise typer.Exit(EXIT_BAD_INPUT) from None
+    except NotReady as e:
+        err.print(f"[yellow]not ready:[/] {escape(str(e))}")
+        raise typer.Exit(EXIT_FAILED) from None
     except StorageUnavailable as e:
         err.print(f"[red]storage unavailable:[/] {escape(str(e))}")
         raise typer.Exit(EXIT_STORAGE) from None

@@ -14,13 +14,14 @@ from typing import Any
 
 from .layout import S3_URI_PATTERN
 from .spec import API_VERSION, DNS1123, KIND, ValuationRunSpec
+from .vocabulary import Phase
 
 GROUP, VERSION = API_VERSION.split("/")
 PLURAL, SINGULAR = "valuationruns", "valuationrun"
 NAME = f"{PLURAL}.{GROUP}"
 SHORT_NAMES = ["vrun", "vruns"]
 CATEGORIES = ["datacredit", "all-valuations"]
-PHASES = ["Pending", "Preparing", "Evaluating", "Suspended", "Succeeded", "Failed"]
+PHASES = [str(p) for p in Phase]
 TOP_N = 10
 PAYOUT_TOP_N = 3
 

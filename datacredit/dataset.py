@@ -7,14 +7,11 @@ import io
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 
+from .errors import DatasetError
 from .spec import DatasetSpec
 from .storage import S3Options, Storage, open_storage
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-
-
-class DatasetError(ValueError):
-    """The data set cannot be used as given; the message names the file or contributor."""
 
 
 @dataclass

@@ -21,6 +21,7 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
+from .errors import BadInput
 from .layout import check_uri
 from .payout import PERIOD_PATTERN, PayoutError, currency_exponent, parse_amount
 
@@ -464,7 +465,7 @@ class ValuationRun(BaseModel):
         return self.model_dump(mode="json", by_alias=True, exclude_none=True, exclude={"status"})
 
 
-class SpecError(ValueError):
+class SpecError(BadInput):
     """A manifest failed validation; `problems` lists (field path, reason)."""
 
     def __init__(self, source: str, problems: list[tuple[str, str]]):

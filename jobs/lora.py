@@ -20,7 +20,7 @@ from peft.tuners.lora import LoraLayer
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
-from datacredit.dataset import DatasetError
+from datacredit.errors import ModelError
 
 ADAPTER = "default"
 CONFIG_FILE = "adapter_config.json"
@@ -28,7 +28,7 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"
 
 
-class LoraError(DatasetError):
+class LoraError(ModelError):
     """A LoRA checkpoint cannot be used (bad input); the message names the field or file and what to do."""
 
 

@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from datacredit import __version__, layout
-from datacredit.dataset import IMAGE_SUFFIXES, DatasetError, discover
+from datacredit.dataset import IMAGE_SUFFIXES, discover
+from datacredit.errors import BadInput, DatasetError, ModelError, NotReady
 from datacredit.ids import coalition_id, contributor_id
 from datacredit.runstate import member_indices, planner_for
 from datacredit.seeds import coalition_seeds
@@ -95,7 +96,7 @@ def _fetch(uri: str, field: str, options: S3Options) -> Path:
     if not uri.startswith("s3://"):
         path = Path(uri.removeprefix("file://")).expanduser()
         if not path.exists():
-            raise DatasetError(f"{field}: {uri} does not exist")
+            raise ModelError(f"{field}: {uri} does not exist")
         return path
     parent, _, name = uri.rstrip("/").rpartition("/")
     tag = "asset-" + contributor_id(uri)
@@ -109,7 +110,7 @@ def _fetch(uri: str, field: str, options: S3Options) -> Path:
         return final
     store = open_storage(uri, options)
     if not store.list():
-        raise DatasetError(f"{field}: nothing at {uri}")
+        raise ModelError(f"{field}: nothing at {uri}")
     return local_copy(store, "", tag)
 
 
@@ -306,7 +307,7 @@ def prepared_run(run_uri: str, options: S3Options) -> PreparedRun:
     """What every coalition of a run reuses; cached per process (the local pool runs many coalitions)."""
     store = open_storage(run_uri, options)
     if not store.exists(layout.PREPARE_RESULT):
-        raise DatasetError(f"{run_uri}: prepare has not finished (no {layout.PREPARE_RESULT})")
+        raise NotReady(f"{run_uri}: prepare has not finished (no {layout.PREPARE_RESULT}); retry once it has")
     run = load_run(store)
     with np.load(io.BytesIO(store.read_bytes(layout.DATASET))) as z:
         images, owner = z["images"], z["owner"]
@@ -340,7 +341,7 @@ def run_coalition(run_uri: str, members: list[int], *, attempt: int = 1,
     contributors = p.manifest["contributors"]
     bad = [m for m in members if not 0 <= m < len(contributors)]
     if bad or len(set(members)) != len(members):
-        raise DatasetError(f"--members {members}: indices must be distinct and in [0, {len(contributors)})")
+        raise BadInput(f"--members {members}: indices must be distinct and in [0, {len(contributors)})")
     member_ids = [contributors[m]["id"] for m in sorted(members)]
     cid = coalition_id(member_ids, p.manifest["configHash"])
     key = layout.coalition_result(cid)

@@ -25,10 +25,11 @@ from datacredit.crd import GROUP, PLURAL, VERSION
 from datacredit.runstate import open_run
 from datacredit.spec import SpecError, ValuationRun, parse_manifest
 from datacredit.storage import StorageError
+from datacredit.vocabulary import TERMINAL_PHASES, Phase, RunFailure
 
 from . import metrics
 from .jobs import LABEL_RUN_UID, PREPARE, JobRequest, RunRef, job_name, render_job
-from .reconcile import FAILED, LOST_AFTER_SECONDS, REJECTED, RUNNING, SUCCEEDED, Plan, decide, job_view
+from .reconcile import LOST_AFTER_SECONDS, REJECTED, RUNNING, Plan, decide, job_view
 from .runstore import RunMemory, ensure_run_json, read_store, record_created, record_failure, write_results
 from .status import (
     Estimate,
@@ -49,7 +50,6 @@ LOST_AFTER_ENV = "DATACREDIT_JOB_LOST_AFTER"  # seconds before an unseen, vanish
 LOST_AFTER = float(os.environ.get(LOST_AFTER_ENV, str(LOST_AFTER_SECONDS)))
 WAITING_AFTER_ENV = "DATACREDIT_WAITING_AFTER"  # seconds a Job may sit without a running pod before it is named
 WAITING_AFTER = float(os.environ.get(WAITING_AFTER_ENV, str(WAITING_AFTER_SECONDS)))
-TERMINAL = (SUCCEEDED, FAILED)
 
 log = logging.getLogger("datacredit.operator")
 _memory: dict[str, RunMemory] = {}
@@ -141,13 +141,13 @@ def _parse(body: kopf.Body, name: str, namespace: str) -> ValuationRun:
 def _reconcile(body: kopf.Body, meta: dict[str, Any], old: dict[str, Any], uid: str, name: str, namespace: str,
                patch: kopf.Patch, jobs: list[Any], memory: RunMemory) -> None:
     generation = int(meta.get("generation") or 0)
-    if old.get("phase") in TERMINAL and old.get("observedGeneration") == generation:
+    if old.get("phase") in TERMINAL_PHASES and old.get("observedGeneration") == generation:
         metrics.observe_run(namespace, name, old, None)
         return
     try:
         run = _parse(body, name, namespace)
     except SpecError as error:
-        plan = Plan(phase=FAILED, reason="InvalidSpec", message=str(error))
+        plan = Plan(phase=Phase.FAILED, reason=RunFailure.INVALID_SPEC, message=str(error))
         _finish(body, patch, old, plan, None, generation, "", 0, namespace, name)
         return
 
@@ -199,7 +199,7 @@ def _reconcile(body: kopf.Body, meta: dict[str, Any], old: dict[str, Any], uid: 
             _report_payout(body, payout, namespace, name)
             metrics.run_succeeded(namespace, name, now)
         except (ValueError, np.linalg.LinAlgError) as error:  # e.g. v(∅) failed for good: nothing to fit
-            plan.phase, plan.reason, plan.done = FAILED, "EstimateFailed", False
+            plan.phase, plan.reason, plan.done = Phase.FAILED, RunFailure.ESTIMATE_FAILED, False
             plan.message = f"cannot estimate Shapley values: {error}; {failed_note(plan)}"
     eta = _eta(plan, memory, run.spec.execution.parallelism)
     waiting = _waiting(body, run, jobs, uid, namespace, memory, now)
@@ -242,7 +242,7 @@ def _report_payout(body: kopf.Body, payout: dict[str, Any] | None, namespace: st
 
 
 def _eta(plan: Plan, memory: RunMemory, parallelism: int) -> float | None:
-    if plan.phase in TERMINAL:
+    if plan.phase in TERMINAL_PHASES:
         return 0.0
     if not memory.coalition_seconds:
         return None
@@ -263,9 +263,9 @@ def _finish(body: kopf.Body, patch: kopf.Patch, old: dict[str, Any], plan: Plan,
         patch.status["payout"] = payout_patch(payout)
     if old.get("phase") != plan.phase:
         message = plan.message or f"{status['progress']} coalitions evaluated"
-        if plan.phase == FAILED:
+        if plan.phase == Phase.FAILED:
             kopf.warn(body, reason="Failed", message=message[:1000])
-        elif plan.phase == SUCCEEDED:
+        elif plan.phase == Phase.SUCCEEDED:
             top = status.get("topContributor", "")
             kopf.info(body, reason="Succeeded", message=f"{message}; top contributor {top}; {results_uri}")
         else:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from datacredit.spec import API_VERSION, KIND, ValuationRun
+from datacredit.vocabulary import ExitCode
 
 LABEL_RUN = "datacredit.dev/run"
 LABEL_RUN_UID = "datacredit.dev/run-uid"
@@ -20,8 +21,7 @@ KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 PREPARE = "prepare"
 COALITION = "coalition"
 CONTAINER = "worker"
-EXIT_BAD_INPUT = 3  # datacredit.cli.EXIT_BAD_INPUT: retrying cannot help
-EXIT_STORAGE = 4  # datacredit.cli.EXIT_STORAGE: storage unreachable past the worker's patience; retried
+EXIT_BAD_INPUT, EXIT_STORAGE = int(ExitCode.BAD_INPUT), int(ExitCode.STORAGE)  # their own pod-failure rules
 WORKER_COMMAND_ENV = "DATACREDIT_WORKER_COMMAND"
 RUN_AS_USER = 10001  # the worker image's user (images/worker.Dockerfile)
 MAX_NAME = 63  # Job names become label values: at most 63 characters

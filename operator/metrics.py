@@ -11,11 +11,12 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, start_http_server
 
 from datacredit import __version__
+from datacredit.vocabulary import JobState, Phase
 
 REGISTRY = CollectorRegistry()
 ProcessCollector(registry=REGISTRY)  # process_resident_memory_bytes, process_cpu_seconds_total
-COALITION_PHASES = ("Planned", "Queued", "Running", "Succeeded", "Failed")
-RUN_PHASES = ("Pending", "Preparing", "Evaluating", "Suspended", "Succeeded", "Failed")
+COALITION_PHASES = ("Planned", *(str(s) for s in JobState))
+RUN_PHASES = tuple(str(p) for p in Phase)
 STAGES = ("finetune", "sample", "property", "total")
 _SECONDS = (1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400, 28800)
 

@@ -14,6 +14,8 @@ import numpy as np
 
 from datacredit.ids import coalition_id
 from datacredit.spec import ValuationRun
+from datacredit.vocabulary import ACTIVE_STATES as ACTIVE
+from datacredit.vocabulary import NOT_RETRIED, AttemptFailure, JobState, Phase, RunFailure
 
 from .jobs import (
     ANNOTATION_MEMBERS,
@@ -26,13 +28,11 @@ from .jobs import (
     JobRequest,
 )
 
-QUEUED, RUNNING, SUCCEEDED, FAILED = "Queued", "Running", "Succeeded", "Failed"
-BAD_INPUT, DEADLINE, POD_FAILED, NO_RESULT = "BadInput", "DeadlineExceeded", "PodFailed", "NoResult"
-LOST, REJECTED = "JobLost", "JobRejected"  # the Job vanished unseen; the API server refused to create it
-STORAGE = "StorageUnavailable"  # the worker could not reach storage for its whole patience (exit code 4)
-NOT_RETRIED = (BAD_INPUT, REJECTED)  # the same Job would fail the same way
+QUEUED, RUNNING, SUCCEEDED, FAILED = JobState
+BAD_INPUT, DEADLINE, POD_FAILED = AttemptFailure.BAD_INPUT, AttemptFailure.DEADLINE, AttemptFailure.POD_FAILED
+NO_RESULT, LOST, REJECTED, STORAGE = (AttemptFailure.NO_RESULT, AttemptFailure.LOST, AttemptFailure.REJECTED,
+                                      AttemptFailure.STORAGE)
 LOST_AFTER_SECONDS = 120.0  # a created Job absent this long after its created marker was written is lost
-ACTIVE = (QUEUED, RUNNING)
 
 
 class Planner(Protocol):
@@ -249,19 +249,19 @@ def decide(
     suspended = run.spec.suspend
     now = time.time() if now is None else now
     per, new_failures = _attempts(jobs, store, set(store.utilities), now, lost_after)
-    plan = Plan(phase="Pending", record=new_failures)
+    plan = Plan(phase=Phase.PENDING, record=new_failures)
     plan.counts.failed_attempts = sum(len(a.failed) for k, a in per.items() if k != PREPARE)
 
     if not store.prepared:
         step, attempt = _next_step(per.get(PREPARE), ex.max_attempts_per_coalition)
         if step == "failed":
-            plan.phase, plan.reason = FAILED, "PrepareFailed"
+            plan.phase, plan.reason = Phase.FAILED, RunFailure.PREPARE_FAILED
             plan.message = f"the prepare step failed for good: {_describe(PREPARE, per.get(PREPARE))}"
             plan.failed_for_good = [PREPARE]
         elif suspended:
-            plan.phase = "Suspended"
+            plan.phase = Phase.SUSPENDED
         else:
-            plan.phase = "Preparing"
+            plan.phase = Phase.PREPARING
             if step == "start":
                 plan.create.append(JobRequest(PREPARE, attempt))
         return plan, None
@@ -272,7 +272,7 @@ def decide(
     try:
         planner = planner_factory(len(ids))
     except ValueError as e:  # a budget too small for this many contributors: known only after prepare
-        plan.phase, plan.reason = FAILED, "InvalidPlan"
+        plan.phase, plan.reason = Phase.FAILED, RunFailure.INVALID_PLAN
         plan.message = f"spec.estimator cannot plan {len(ids)} contributors: {e}; fix the estimator and apply again"
         return plan, None
     plan.counts.planned = len(getattr(planner, "sequence", ())) or run.spec.estimator.budget
@@ -314,7 +314,7 @@ def decide(
     plan.counts.failed = len(plan.failed_for_good)
 
     if len(plan.failed_for_good) > ex.max_failed_coalitions:
-        plan.phase, plan.reason = FAILED, "CoalitionsFailed"
+        plan.phase, plan.reason = Phase.FAILED, RunFailure.COALITIONS_FAILED
         listed = "; ".join(plan.failure_messages[c] for c in plan.failed_for_good[:5])
         more = f" (and {len(plan.failed_for_good) - 5} more)" if len(plan.failed_for_good) > 5 else ""
         plan.message = (f"{len(plan.failed_for_good)} coalition(s) failed after up to "
@@ -324,7 +324,7 @@ def decide(
         plan.delete = [j.name for j in active]
         return plan, planner
     if exhausted and not active and not plan.create:
-        plan.phase, plan.done = SUCCEEDED, True
+        plan.phase, plan.done = Phase.SUCCEEDED, True
         return plan, planner
-    plan.phase = "Suspended" if suspended else "Evaluating"
+    plan.phase = Phase.SUSPENDED if suspended else Phase.EVALUATING
     return plan, planner

@@ -12,8 +12,9 @@ import numpy as np
 
 from datacredit.crd import PAYOUT_TOP_N, TOP_N
 from datacredit.ids import display_name
+from datacredit.vocabulary import TERMINAL_PHASES, Phase, RunFailure
 
-from .reconcile import FAILED, SUCCEEDED, Plan
+from .reconcile import Plan
 from .waiting import Waiting
 
 
@@ -134,7 +135,7 @@ def build_status(plan: Plan, estimate: Estimate | None, old: dict[str, Any], *, 
                        "failed": c.failed, "failedAttempts": c.failed_attempts},
         "results": results_uri,
     }
-    if plan.phase in (SUCCEEDED, FAILED):
+    if plan.phase in TERMINAL_PHASES:
         status["completionTime"] = old.get("completionTime") or now
     if estimate is not None:
         status["estimate"] = {"evaluations": estimate.evaluations, "maxStderr": _num(estimate.max_stderr),
@@ -155,7 +156,7 @@ def build_status(plan: Plan, estimate: Estimate | None, old: dict[str, Any], *, 
     if prepared:
         conds = set_condition(conds, "Prepared", True, "PrepareSucceeded",
                               f"{contributors} contributors; sparsified model ready", generation, now)
-    elif plan.reason == "PrepareFailed":
+    elif plan.reason == RunFailure.PREPARE_FAILED:
         conds = set_condition(conds, "Prepared", False, "PrepareFailed", plan.message, generation, now)
     else:
         conds = set_condition(conds, "Prepared", False, plan.phase, "the prepare Job has not finished",
@@ -164,12 +165,12 @@ def build_status(plan: Plan, estimate: Estimate | None, old: dict[str, Any], *, 
         conds = set_condition(conds, "Converged", estimate.converged, "Converged" if estimate.converged else
                               "NotConverged", f"{estimate.stop_reason} (max stderr {estimate.max_stderr:.4g}, "
                               f"{estimate.evaluations} evaluations)", generation, now)
-    if plan.phase == FAILED:
+    if plan.phase == Phase.FAILED:
         conds = set_condition(conds, "Failed", True, plan.reason, plan.message, generation, now)
         conds = set_condition(conds, "Ready", False, plan.reason, plan.message, generation, now)
     else:
         conds = set_condition(conds, "Failed", False, "NoFailure", failed_note(plan), generation, now)
-        if plan.phase == SUCCEEDED:
+        if plan.phase == Phase.SUCCEEDED:
             conds = set_condition(conds, "Ready", True, "Succeeded",
                                   f"Shapley values of {contributors} contributors in {results_uri}", generation,
                                   now)

@@ -140,14 +140,18 @@ PLAIN_COALITION = re.compile(r"^coalition \d+/16 .+ utility -?\d+\.\d{4} \((?:\d
 
 
 @pytest.mark.workload
-def test_worker_prepare_logs_plain_progress_lines_when_redirected(tiny_data: TinyData, tmp_path: Path) -> None:
+def test_worker_logs_plain_progress_and_exit_codes_say_retry_or_not(tiny_data: TinyData, tmp_path: Path) -> None:
     """`kubectl logs` of a prepare Job: stdout is not a terminal, and each stage and tenth of training shows."""
     doc = tiny_manifest("tiny-prepare-log", str(tiny_data.images), str(tiny_data.reference), {"uri": str(tmp_path)})
     vr = parse_manifest(doc)
     ref = open_run(vr)
     write_json(ref.store, "run.json", {"manifest": vr.to_manifest(), "configHash": vr.config_hash()})
+    early = runner.invoke(app, ["worker", "coalition", "--run", ref.uri, "--members", "0"])
+    assert early.exit_code == 1 and "not ready" in early.output, early.output  # transient: the Job retries it
     res = runner.invoke(app, ["worker", "prepare", "--run", ref.uri])
     assert res.exit_code == 0, res.output
+    bad = runner.invoke(app, ["worker", "coalition", "--run", ref.uri, "--members", "0,9"])
+    assert bad.exit_code == 3 and "bad input" in bad.output and "--members" in bad.output, bad.output
     lines = res.stdout.splitlines()
     for stage in ("prepare: data: 96 images of 4 contributors", "prepare: model: ddpm", "prune: ratio 0.3",
                   "prepare: property: fitted", "prepare: done: 4 contributors"):

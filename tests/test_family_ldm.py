@@ -19,7 +19,7 @@ from diffusers import AutoencoderKL, VQModel  # noqa: E402
 from diffusers.models.attention_processor import Attention  # noqa: E402
 
 from datacredit import layout  # noqa: E402
-from datacredit.dataset import DatasetError  # noqa: E402
+from datacredit.errors import ModelError  # noqa: E402
 from datacredit.jobs.families import Assets, TrainData, get_family  # noqa: E402
 from datacredit.jobs.families.ldm import AUTOENCODER, LATENTS, check_heads, decode, encode, head_dim  # noqa: E402
 from datacredit.jobs.prune import prune_unet  # noqa: E402
@@ -85,7 +85,7 @@ def test_resolution_and_bad_autoencoder(tiny_data: TinyData, vq_dir: Path, tmp_p
     AutoencoderKL(block_out_channels=(8,), norm_num_groups=8, latent_channels=2).save_pretrained(tmp_path / "kl")
     (tmp_path / "empty").mkdir()
     for folder, said in ((tmp_path / "kl", "AutoencoderKL, not a diffusers VQModel"), (tmp_path / "empty", "config")):
-        with pytest.raises(DatasetError, match=f"spec.model.autoencoder: .*{said}"):
+        with pytest.raises(ModelError, match=f"spec.model.autoencoder: .*{said}"):
             family.resolution(parse_manifest(_manifest(tiny_data, folder, tmp_path / "r")), ASSETS)
 
 
@@ -170,5 +170,5 @@ def test_prepare_reuses_latents_and_coalitions_run(tiny_data: TinyData, vq_dir: 
     # a different VQModel behind spec.model.autoencoder is refused: the stored latents are not its latents
     other = _save_vq(tmp_path / "other-vq", codes=16)
     moved = parse_manifest(_manifest(tiny_data, other, tmp_path / "run"))
-    with pytest.raises(DatasetError, match="spec.model.autoencoder: .* differs"):
+    with pytest.raises(ModelError, match="spec.model.autoencoder: .* differs"):
         family.load(moved, sparsified, TrainData(images, owner, [""] * len(images)), ASSETS)

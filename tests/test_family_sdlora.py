@@ -17,7 +17,7 @@ from diffusers import StableDiffusionPipeline, UNet2DConditionModel  # noqa: E40
 from PIL import Image  # noqa: E402
 
 from datacredit import layout  # noqa: E402
-from datacredit.dataset import DatasetError  # noqa: E402
+from datacredit.errors import ModelError  # noqa: E402
 from datacredit.jobs.families import Assets, Family, get_family  # noqa: E402
 from datacredit.jobs.families.sdlora import (  # noqa: E402
     CAPTIONS_FILE,
@@ -165,7 +165,7 @@ def test_pruned_lora_saves_and_loads_identically(sd_folder: Path, tmp_path: Path
     load_lora(from_diffusers, tmp_path / "diffusers")
     torch.testing.assert_close(_out(from_diffusers), _out(full))
 
-    with pytest.raises(DatasetError, match="spec.model.lora.checkpoint"):
+    with pytest.raises(ModelError, match="spec.model.lora.checkpoint"):
         load_lora(_unet(sd_folder), tmp_path)
 
 
@@ -222,9 +222,9 @@ def test_resolution_from_pipeline_configs(sd_folder: Path, tmp_path: Path) -> No
                                                            "dataset": {"images": "x", "resolution": 24}}})
     assert family.resolution(pinned, assets) == 24
     bad = parse_manifest(_manifest(tmp_path, tmp_path, tmp_path))
-    with pytest.raises(DatasetError, match="spec.model.checkpoint"):
+    with pytest.raises(ModelError, match="spec.model.checkpoint"):
         family.resolution(bad, assets)
-    with pytest.raises(DatasetError, match="spec.model.checkpoint"):
+    with pytest.raises(ModelError, match="spec.model.checkpoint"):
         load_pipeline(bad, assets)
 
 

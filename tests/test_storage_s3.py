@@ -202,7 +202,7 @@ def test_model_and_weight_uris_resolve_to_local_copies(s3_server: S3Server, s3_e
                                                          tmp_path: Path) -> None:
     """What the worker does with spec.model.checkpoint / autoencoder / property.weights: a single object
     downloads as a file, a prefix as a folder, once per process; missing things name the field."""
-    from datacredit.dataset import DatasetError
+    from datacredit.errors import ModelError
     from datacredit.jobs.worker import _fetch
 
     s3_server.make_bucket("assets-test")
@@ -219,9 +219,9 @@ def test_model_and_weight_uris_resolve_to_local_copies(s3_server: S3Server, s3_e
     assert _fetch("s3://assets-test/models/inception.pth", "spec.property.weights", s3_env) == weights
     assert weights.read_bytes() == b"weights"  # downloaded once, reused
 
-    with pytest.raises(DatasetError, match=r"spec.model.autoencoder: nothing at s3://assets-test/models/nope"):
+    with pytest.raises(ModelError, match=r"spec.model.autoencoder: nothing at s3://assets-test/models/nope"):
         _fetch("s3://assets-test/models/nope", "spec.model.autoencoder", s3_env)
-    with pytest.raises(DatasetError, match=r"spec.property.head: .*does not exist"):
+    with pytest.raises(ModelError, match=r"spec.property.head: .*does not exist"):
         _fetch(str(tmp_path / "missing.pth"), "spec.property.head", s3_env)
     local = tmp_path / "head.pth"
     local.write_bytes(b"h")

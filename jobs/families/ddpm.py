@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from datacredit.dataset import DatasetError
+from datacredit.errors import ModelError
 from datacredit.seeds import Seeds, derived_seed
 from datacredit.spec import ValuationRun
 
@@ -25,7 +25,7 @@ def load_full_unet(uri: str, assets: Assets, field: str = "spec.model.checkpoint
     try:
         return Checkpoint.load(assets.get(uri, field)).inference_model
     except FileNotFoundError as e:
-        raise DatasetError(f"{field}: {e}") from None
+        raise ModelError(f"{field}: {e}") from None
 
 
 def unet_arch(run: ValuationRun) -> dict[str, Any]:

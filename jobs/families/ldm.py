@@ -19,7 +19,7 @@ import torch
 from diffusers import VQModel
 from diffusers.models.attention_processor import Attention
 
-from datacredit.dataset import DatasetError
+from datacredit.errors import BadInput, ModelError
 from datacredit.seeds import Seeds
 from datacredit.spec import ValuationRun
 
@@ -43,12 +43,12 @@ def vq_folder(uri: str, assets: Assets, field: str = "spec.model.autoencoder") -
             try:
                 cls = json.loads(config.read_text()).get("_class_name")
             except json.JSONDecodeError as e:
-                raise DatasetError(f"{field}: {config} is not valid JSON ({e})") from None
+                raise ModelError(f"{field}: {config} is not valid JSON ({e})") from None
             if cls != "VQModel":
-                raise DatasetError(f"{field}: {folder} holds a {cls or 'model without _class_name'}, not a diffusers "
+                raise ModelError(f"{field}: {folder} holds a {cls or 'model without _class_name'}, not a diffusers "
                                    "VQModel; point it at a VQModel.save_pretrained folder")
             return folder
-    raise DatasetError(f"{field}: {uri} has no config.json (nor vqvae/config.json); expected a diffusers VQModel "
+    raise ModelError(f"{field}: {uri} has no config.json (nor vqvae/config.json); expected a diffusers VQModel "
                        "folder written by VQModel.save_pretrained")
 
 
@@ -68,7 +68,7 @@ def load_vqmodel(uri: str, assets: Assets, field: str = "spec.model.autoencoder"
     try:
         vq = VQModel.from_pretrained(str(folder))
     except (OSError, ValueError) as e:
-        raise DatasetError(f"{field}: cannot load the VQModel in {folder}: {e}") from None
+        raise ModelError(f"{field}: cannot load the VQModel in {folder}: {e}") from None
     return vq.to(pick_device()).eval().requires_grad_(False)
 
 
@@ -153,7 +153,7 @@ class LDMFamily:
         config = vq_config(vq_folder(uri, assets))
         factor, side = downsampling(config), int(data.images.shape[-1])
         if side % factor:
-            raise DatasetError(f"spec.dataset.resolution: {side} is not a multiple of the autoencoder's "
+            raise BadInput(f"spec.dataset.resolution: {side} is not a multiple of the autoencoder's "
                                f"downsampling factor {factor}")
         t0 = time.perf_counter()
         latents = encode(load_vqmodel(uri, assets), data.images)
@@ -163,7 +163,7 @@ class LDMFamily:
             want = (int(latents.shape[1]), int(latents.shape[-1]))
             got = (int(full.config.in_channels), int(full.config.sample_size))
             if got != want:
-                raise DatasetError(f"spec.model.checkpoint: the UNet takes {got[0]} channels at {got[1]}x{got[1]} "
+                raise ModelError(f"spec.model.checkpoint: the UNet takes {got[0]} channels at {got[1]}x{got[1]} "
                                    f"but the autoencoder's latents are {want[0]} channels at {want[1]}x{want[1]}")
         heads_dim = head_dim(list(s.model.architecture.block_out_channels))
         prepared = sparsify(run, latents, full, progress, attention_head_dim=heads_dim)
@@ -184,11 +184,11 @@ class LDMFamily:
         uri = s.model.autoencoder or ""
         saved = json.loads((out_dir / AUTOENCODER).read_text())
         if vq_config(vq_folder(uri, assets)) != saved["config"]:
-            raise DatasetError(f"spec.model.autoencoder: the VQModel at {uri} differs from the one prepare "
+            raise ModelError(f"spec.model.autoencoder: the VQModel at {uri} differs from the one prepare "
                                f"encoded the latents with ({out_dir / AUTOENCODER}); run prepare again")
         latents = torch.from_numpy(np.load(out_dir / LATENTS))
         if len(latents) != len(data.images):
-            raise DatasetError(f"{out_dir / LATENTS}: {len(latents)} latents for {len(data.images)} images; "
+            raise ModelError(f"{out_dir / LATENTS}: {len(latents)} latents for {len(data.images)} images; "
                                "run prepare again")
         return LDMState(Checkpoint.load(out_dir), latents, load_vqmodel(uri, assets), s.dataset.channels)
 

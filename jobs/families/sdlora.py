@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline
 from safetensors.torch import load_file, save_file
 
-from datacredit.dataset import DatasetError
+from datacredit.errors import ModelError
 from datacredit.seeds import Seeds, derived_seed
 from datacredit.spec import ValuationRun
 
@@ -50,7 +50,7 @@ def _read_config(folder: Path, part: str) -> dict[str, Any]:
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        raise DatasetError(f"{FIELD}: {folder} is not a Stable Diffusion pipeline folder ({path}: {e}); save one "
+        raise ModelError(f"{FIELD}: {folder} is not a Stable Diffusion pipeline folder ({path}: {e}); save one "
                            "with StableDiffusionPipeline.save_pretrained (unet, vae, text_encoder, tokenizer, "
                            "scheduler)") from None
 
@@ -66,13 +66,13 @@ def load_pipeline(run: ValuationRun, assets: Assets) -> StableDiffusionPipeline:
     for part in ("unet", "vae"):
         _read_config(folder, part)
     if not (folder / "model_index.json").is_file():
-        raise DatasetError(f"{FIELD}: {folder} has no model_index.json; it must be a diffusers "
+        raise ModelError(f"{FIELD}: {folder} has no model_index.json; it must be a diffusers "
                            "StableDiffusionPipeline folder (StableDiffusionPipeline.save_pretrained)")
     try:
         pipe = StableDiffusionPipeline.from_pretrained(str(folder), safety_checker=None, requires_safety_checker=False,
                                                        dtype=torch.float32)
     except (OSError, ValueError, TypeError, AttributeError) as e:
-        raise DatasetError(f"{FIELD}: cannot load the Stable Diffusion pipeline in {folder}: {e}") from None
+        raise ModelError(f"{FIELD}: cannot load the Stable Diffusion pipeline in {folder}: {e}") from None
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     for part in (pipe.unet, pipe.vae, pipe.text_encoder):
@@ -209,7 +209,7 @@ class SDLoraFamily:
         folder = assets.get(run.spec.model.checkpoint, FIELD)
         unet, vae = _read_config(folder, "unet"), _read_config(folder, "vae")
         if not isinstance(unet.get("sample_size"), int):
-            raise DatasetError(f"{FIELD}: {folder / 'unet' / 'config.json'} has no integer sample_size; set "
+            raise ModelError(f"{FIELD}: {folder / 'unet' / 'config.json'} has no integer sample_size; set "
                                "spec.dataset.resolution")
         return unet["sample_size"] * _vae_factor(vae)
 
