@@ -15,14 +15,13 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from . import layout
-from .finish import finish_run
-from .ids import coalition_id
 from .planner import Planner
 from .progress import console as adaptive_console
 from .progress import progress_for
-from .runstate import RunRef, member_indices, open_run, planner_for, read_manifest, replicate_utilities, utility_row
+from .runloop import Coalition, finish, walk, write_run_json
+from .runstate import RunRef, open_run, planner_for, read_manifest, replicate_utilities
 from .spec import ValuationRun
-from .storage import Storage, read_json, write_json
+from .storage import Storage, read_json
 
 
 class RunFailed(RuntimeError):
@@ -100,9 +99,7 @@ def execute(run: ValuationRun, *, workers: int | None = None, console: Console |
     store = ref.store
     earlier_wall = _earlier_wall_seconds(store, ref.config_hash)
     prepared_now = False
-    existing = store.exists(layout.RUN)
-    if not existing:
-        write_json(store, layout.RUN, {"manifest": run.to_manifest(), "configHash": run.config_hash()})
+    existing = not write_run_json(store, run)
     console.print(f"[bold]run[/] {escape(ref.uri)} ({'resuming' if existing else 'new'})")
 
     if not store.exists(layout.PREPARE_RESULT):
@@ -124,54 +121,55 @@ def execute(run: ValuationRun, *, workers: int | None = None, console: Console |
     max_attempts = run.spec.execution.max_attempts_per_coalition
     attempts: dict[str, int] = {}
     failed: list[str] = []
-    pending: dict[Future[dict[str, Any]], tuple[np.ndarray, str, float]] = {}
-    told: list[dict[str, Any]] = []
-    done_before = 0
+    pending: dict[Future[dict[str, Any]], tuple[Coalition, float]] = {}
+    utilities: dict[str, float] = {}
+    replicates: dict[str, list[float]] = {}
+
+    def keep(cid: str, result: dict[str, Any]) -> tuple[float, list[float]]:
+        utilities[cid], replicates[cid] = float(result["utility"]), replicate_utilities(result)
+        return utilities[cid], replicates[cid]
+
+    def stored(cid: str) -> tuple[float, list[float]] | None:
+        key = layout.coalition_result(cid)
+        return keep(cid, read_json(store, key)) if store.exists(key) else None
 
     columns = [TextColumn("[bold]coalitions"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[top]}")]
     ctx = mp.get_context("spawn")
     pool = ProcessPoolExecutor(parallel, mp_context=ctx, initializer=_init_worker, initargs=(threads,))
+    done_before = 0
     try:
         with progress_for(console, *columns) as bar:  # a line per coalition when stderr is not a terminal
             task = bar.add_task("coalition", total=len(planner.sequence), top="")
             finished_count = 0
 
-            def submit(coal: np.ndarray, cid: str) -> None:
-                attempts[cid] = attempts.get(cid, 0) + 1
-                fut = pool.submit(_coalition_task, ref.uri, s3, member_indices(coal), attempts[cid])
-                pending[fut] = (coal, cid, time.monotonic())
+            def submit(coalition: Coalition) -> None:
+                attempts[coalition.id] = attempts.get(coalition.id, 0) + 1
+                fut = pool.submit(_coalition_task, ref.uri, s3, list(coalition.members), attempts[coalition.id])
+                pending[fut] = (coalition, time.monotonic())
 
             while True:
-                while len(pending) < parallel:
-                    batch = planner.ask(1)
-                    if len(batch) == 0:
-                        break
-                    coal = np.asarray(batch[0], dtype=bool)
-                    cid = coalition_id([ids[i] for i in np.flatnonzero(coal)], ref.config_hash)
-                    if store.exists(layout.coalition_result(cid)):
-                        told.append(_told(coal, read_json(store, layout.coalition_result(cid))))
-                        planner.tell(coal, told[-1]["utility"], told[-1].get("replicates", ()))
-                        done_before += 1
-                        finished_count += 1
-                        bar.update(task, advance=1, quiet=True)
-                        continue
-                    submit(coal, cid)
+                step = walk(planner, ids, ref.config_hash, parallel - len(pending), stored)
+                done_before += len(step.told)
+                finished_count += len(step.told)
+                bar.update(task, advance=len(step.told), quiet=True)
+                for coalition in step.start:
+                    submit(coalition)
                 if not pending:
                     break
                 finished, _ = wait(list(pending), return_when=FIRST_COMPLETED)
                 for fut in finished:
-                    coal, cid, submitted = pending.pop(fut)
-                    label = coalition_label(coal, names)
+                    coalition, submitted = pending.pop(fut)
+                    cid, label = coalition.id, coalition_label(coalition.mask, names)
                     try:
                         res = fut.result()
                     except Exception as e:  # noqa: BLE001 - a failed attempt is reported and retried
                         console.print(f"[yellow]coalition {cid} attempt {attempts[cid]} failed:[/] {escape(str(e))}")
                         if attempts[cid] < max_attempts:
-                            submit(coal, cid)
+                            submit(coalition)
                             continue
                         failed.append(cid)
-                        planner.skip(coal)  # left out of the estimate; the run goes on without it
+                        planner.skip(coalition.mask)  # left out of the estimate; the run goes on without it
                         if len(failed) > run.spec.execution.max_failed_coalitions:
                             raise RunFailed(
                                 f"{len(failed)} coalitions failed after {max_attempts} attempts "
@@ -182,11 +180,11 @@ def execute(run: ValuationRun, *, workers: int | None = None, console: Console |
                         bar.update(task, advance=1, note=f"{label} failed after {attempts[cid]} attempt(s)",
                                    seconds=time.monotonic() - submitted)
                         continue
-                    told.append(_told(coal, res))
-                    planner.tell(coal, told[-1]["utility"], told[-1].get("replicates", ()))
+                    utility, extra = keep(cid, res)
+                    planner.tell(coalition.mask, utility, extra)
                     finished_count += 1
                     bar.update(task, advance=1, top=_top_line(planner, names),
-                               note=f"{label} utility {told[-1]['utility']:.4f}", seconds=time.monotonic() - submitted)
+                               note=f"{label} utility {utility:.4f}", seconds=time.monotonic() - submitted)
             bar.update(task, total=finished_count)  # a run that converged early ends before its plan does
     except KeyboardInterrupt:
         pool.shutdown(wait=False, cancel_futures=True)
@@ -201,15 +199,5 @@ def execute(run: ValuationRun, *, workers: int | None = None, console: Console |
     elapsed = time.monotonic() - started
     if earlier_wall is not None:  # resumed after results were written: keep their time
         elapsed = earlier_wall + elapsed if prepared_now or attempts else earlier_wall  # else nothing ran now
-    doc = finish_run(store, run, planner, manifest["contributors"], _in_plan_order(planner, told), elapsed)
+    doc = finish(store, run, planner, manifest["contributors"], utilities, replicates, elapsed)
     return Outcome(ref, doc)
-
-
-def _told(coalition: np.ndarray, result: dict[str, Any]) -> dict[str, Any]:
-    """A utilities.jsonl row from a coalition's result.json."""
-    return utility_row(member_indices(coalition), float(result["utility"]), replicate_utilities(result))
-
-
-def _in_plan_order(planner: Planner, told: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    position = {tuple(member_indices(c)): j for j, c in enumerate(planner.sequence)}
-    return sorted(told, key=lambda r: position[tuple(r["members"])])

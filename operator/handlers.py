@@ -22,6 +22,7 @@ from kubernetes.client.rest import ApiException
 
 from datacredit import layout
 from datacredit.crd import GROUP, PLURAL, VERSION
+from datacredit.runloop import finish
 from datacredit.runstate import open_run
 from datacredit.spec import SpecError, ValuationRun, parse_manifest
 from datacredit.storage import StorageError
@@ -30,7 +31,7 @@ from datacredit.vocabulary import TERMINAL_PHASES, Phase, RunFailure
 from . import metrics
 from .jobs import LABEL_RUN_UID, PREPARE, JobRequest, RunRef, job_name, render_job
 from .reconcile import LOST_AFTER_SECONDS, REJECTED, RUNNING, Plan, decide, job_view
-from .runstore import RunMemory, ensure_run_json, read_store, record_created, record_failure, write_results
+from .runstore import RunMemory, ensure_run_json, read_store, record_created, record_failure
 from .status import (
     Estimate,
     build_status,
@@ -191,7 +192,7 @@ def _reconcile(body: kopf.Body, meta: dict[str, Any], old: dict[str, Any], uid: 
         started = old.get("startTime")
         wall = now - dt.datetime.fromisoformat(started).timestamp() if started else 0.0
         try:
-            doc = write_results(ref.store, run, planner, view.contributors, view.utilities, wall, view.replicates)
+            doc = finish(ref.store, run, planner, view.contributors, view.utilities, view.replicates, wall)
             fidelity = status_fidelity(doc)
             payout = status_payout(doc.get("payout"))  # spec.payout, made by finish_run after the results
             for warning in doc.get("warnings", []):

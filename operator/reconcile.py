@@ -8,11 +8,12 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
 from datacredit.ids import coalition_id
+from datacredit.runloop import AskTell, Coalition, Missing, walk
 from datacredit.spec import ValuationRun
 from datacredit.vocabulary import ACTIVE_STATES as ACTIVE
 from datacredit.vocabulary import NOT_RETRIED, AttemptFailure, JobState, Phase, RunFailure
@@ -33,16 +34,6 @@ BAD_INPUT, DEADLINE, POD_FAILED = AttemptFailure.BAD_INPUT, AttemptFailure.DEADL
 NO_RESULT, LOST, REJECTED, STORAGE = (AttemptFailure.NO_RESULT, AttemptFailure.LOST, AttemptFailure.REJECTED,
                                       AttemptFailure.STORAGE)
 LOST_AFTER_SECONDS = 120.0  # a created Job absent this long after its created marker was written is lost
-
-
-class Planner(Protocol):
-    """What the reconcile needs of `datacredit.planner.Planner`."""
-
-    def ask(self, k: int) -> Any: ...
-    def tell(self, coalition: Any, utility: float, replicates: Any = ()) -> None: ...
-    def skip(self, coalition: Any) -> None: ...
-    @property
-    def skipped(self) -> Any: ...
 
 
 @dataclass(frozen=True)
@@ -207,7 +198,7 @@ def _attempts(jobs: Iterable[JobView], store: StoreView, results: set[str], now:
     return per, new
 
 
-def _next_step(a: _Attempts | None, max_attempts: int) -> tuple[str, int]:
+def _next_step(a: _Attempts | None, max_attempts: int) -> tuple[Missing, int]:
     """("active"|"start"|"failed", attempt) for a key that has no result yet."""
     if a is None or a.latest == 0:
         return "start", 1
@@ -234,10 +225,10 @@ def decide(
     run: ValuationRun,
     jobs: list[JobView],
     store: StoreView,
-    planner_factory: Callable[[int], Planner],
+    planner_factory: Callable[[int], AskTell],
     now: float | None = None,
     lost_after: float = LOST_AFTER_SECONDS,
-) -> tuple[Plan, Planner | None]:
+) -> tuple[Plan, AskTell | None]:
     """Desired state: which Jobs to start or stop, which failures to record, and the run's phase.
 
     Walks the planner's sequence exactly as the local executor does: finished coalitions are told in
@@ -284,27 +275,23 @@ def decide(
     for coal in planner.skipped:  # skipped in an earlier pass (a kept planner): the walk will not meet them
         members = tuple(int(i) for i in np.flatnonzero(coal))
         failed_for_good(coalition_id([ids[i] for i in members], run.config_hash()), members)
-    in_flight = 0
-    exhausted = False
-    while in_flight < ex.parallelism:
-        batch = planner.ask(1)
-        if len(batch) == 0:
-            exhausted = True
-            break
-        coal = np.asarray(batch[0], dtype=bool)
-        members = tuple(int(i) for i in np.flatnonzero(coal))
-        cid = coalition_id([ids[i] for i in members], run.config_hash())
-        if cid in store.utilities:
-            planner.tell(coal, store.utilities[cid], store.replicates.get(cid, ()))
-            continue
-        step, attempt = _next_step(per.get(cid), ex.max_attempts_per_coalition)
+
+    next_attempt: dict[str, int] = {}
+
+    def missing(coalition: Coalition) -> Missing:
+        step, attempt = _next_step(per.get(coalition.id), ex.max_attempts_per_coalition)
         if step == "failed":
-            planner.skip(coal)  # as the local runner does: checkpoints and stopping rules stop waiting for it
-            failed_for_good(cid, members)
-            continue
-        in_flight += 1
-        if step == "start" and not suspended:
-            plan.create.append(JobRequest(COALITION, attempt, cid, members))
+            failed_for_good(coalition.id, coalition.members)
+        next_attempt[coalition.id] = attempt
+        return step
+
+    def stored(cid: str) -> tuple[float, Any] | None:
+        return (store.utilities[cid], store.replicates.get(cid, ())) if cid in store.utilities else None
+
+    walked = walk(planner, ids, run.config_hash(), ex.parallelism, stored, missing)
+    if not suspended:
+        plan.create += [JobRequest(COALITION, next_attempt[c.id], c.id, c.members) for c in walked.start]
+    exhausted = walked.exhausted
 
     # a Job whose coalition has its result already (a pod slow to exit) does not hold the run
     active = [j for j in jobs if j.step == COALITION and j.state in ACTIVE and j.key not in store.utilities]

@@ -7,9 +7,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from datacredit import layout
-from datacredit.finish import finish_run
-from datacredit.ids import coalition_id
-from datacredit.runstate import member_indices, replicate_utilities, utility_row
+from datacredit.runloop import write_run_json
+from datacredit.runstate import replicate_utilities
 from datacredit.spec import ValuationRun
 from datacredit.storage import Storage, read_json, write_json
 
@@ -60,8 +59,7 @@ class RunMemory:
 def ensure_run_json(store: Storage, run: ValuationRun, memory: RunMemory) -> None:
     """Write run.json (the spec snapshot the workers read) once."""
     if not memory.run_json_written:
-        write_json(store, layout.RUN, {"manifest": run.to_manifest(), "configHash": run.config_hash()},
-                   if_absent=True)
+        write_run_json(store, run)
         memory.run_json_written = True
 
 
@@ -133,17 +131,3 @@ def record_failure(store: Storage, key: str, attempt: int, reason: str, message:
 def record_created(store: Storage, key: str, attempt: int, job: str) -> None:
     """Write the created marker of an attempt (kept if there: the first creation time counts)."""
     write_json(store, created_key(key, attempt), {"job": job, "time": time.time()}, if_absent=True)
-
-
-def write_results(store: Storage, run: ValuationRun, planner: Any, contributors: list[dict[str, Any]],
-                  utilities: dict[str, float], wall_seconds: float,
-                  replicates: dict[str, list[float]] | None = None) -> dict[str, Any]:
-    """results/shapley.json, .csv (+ values.png) and utilities.jsonl, as the local executor writes them."""
-    ids = [c["id"] for c in contributors]
-    rows = []
-    for coal in planner.sequence:
-        members = member_indices(coal)
-        cid = coalition_id([ids[i] for i in members], run.config_hash())
-        if cid in utilities:
-            rows.append(utility_row(members, utilities[cid], (replicates or {}).get(cid, [])))
-    return finish_run(store, run, planner, contributors, rows, wall_seconds)
