@@ -29,11 +29,11 @@ from datacredit.storage import StorageError
 from datacredit.vocabulary import TERMINAL_PHASES, Phase, RunFailure
 
 from . import metrics
-from .jobs import LABEL_RUN_UID, PREPARE, JobRequest, RunRef, job_name, render_job
-from .reconcile import LOST_AFTER_SECONDS, REJECTED, RUNNING, Plan, decide, job_view
+from .batch import LABEL_RUN_UID, PREPARE, JobRequest, Owner, job_name, render_job
+from .reconcile import LOST_AFTER_SECONDS, REJECTED, RUNNING, Decision, decide, job_view
 from .runstore import RunMemory, ensure_run_json, read_store, record_created, record_failure
 from .status import (
-    Estimate,
+    StatusEstimate,
     build_status,
     estimate_of,
     failed_note,
@@ -148,7 +148,7 @@ def _reconcile(body: kopf.Body, meta: dict[str, Any], old: dict[str, Any], uid: 
     try:
         run = _parse(body, name, namespace)
     except SpecError as error:
-        plan = Plan(phase=Phase.FAILED, reason=RunFailure.INVALID_SPEC, message=str(error))
+        plan = Decision(phase=Phase.FAILED, reason=RunFailure.INVALID_SPEC, message=str(error))
         _finish(body, patch, old, plan, None, generation, "", 0, namespace, name)
         return
 
@@ -159,7 +159,7 @@ def _reconcile(body: kopf.Body, meta: dict[str, Any], old: dict[str, Any], uid: 
     plan, planner = decide(run, jobs, view, lambda n: memory.planners.fork(run, view), lost_after=LOST_AFTER)
     if planner is not None:
         memory.planners.skip(plan.failed_for_good)
-    owner = RunRef(name, namespace, uid)
+    owner = Owner(name, namespace, uid)
 
     for failure in plan.record:
         if record_failure(ref.store, failure.key, failure.attempt, failure.reason, failure.message, failure.job):
@@ -242,7 +242,7 @@ def _report_payout(body: kopf.Body, payout: dict[str, Any] | None, namespace: st
                   f"payouts/{payout['period']}.json"[:1000])
 
 
-def _eta(plan: Plan, memory: RunMemory, parallelism: int) -> float | None:
+def _eta(plan: Decision, memory: RunMemory, parallelism: int) -> float | None:
     if plan.phase in TERMINAL_PHASES:
         return 0.0
     if not memory.coalition_seconds:
@@ -253,7 +253,7 @@ def _eta(plan: Plan, memory: RunMemory, parallelism: int) -> float | None:
     return remaining * mean / max(min(parallelism, remaining), 1)
 
 
-def _finish(body: kopf.Body, patch: kopf.Patch, old: dict[str, Any], plan: Plan, estimate: Estimate | None,
+def _finish(body: kopf.Body, patch: kopf.Patch, old: dict[str, Any], plan: Decision, estimate: StatusEstimate | None,
             generation: int, results_uri: str, contributors: int, namespace: str, name: str,
             eta: float | None = None, fidelity: dict[str, Any] | None = None,
             payout: dict[str, Any] | None = None, waiting: Waiting | None = None) -> None:
@@ -276,7 +276,7 @@ def _finish(body: kopf.Body, patch: kopf.Patch, old: dict[str, Any], plan: Plan,
     metrics.observe_run(namespace, name, status, eta)
 
 
-def _create_job(body: kopf.Body, run: ValuationRun, owner: RunRef, ref: Any, request: JobRequest,
+def _create_job(body: kopf.Body, run: ValuationRun, owner: Owner, ref: Any, request: JobRequest,
                 namespace: str) -> None:
     """Create the Job of an attempt; its created marker goes to storage first (attempts are counted from there).
 

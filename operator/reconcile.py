@@ -1,6 +1,6 @@
 """The reconcile decision, as pure functions: (spec, planner, storage view, observed Jobs) -> what to do.
 
-Nothing here talks to Kubernetes or storage; `handlers` gathers the inputs and carries out the `Plan`.
+Nothing here talks to Kubernetes or storage; `handlers` gathers the inputs and carries out the `Decision`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from datacredit.spec import ValuationRun
 from datacredit.vocabulary import ACTIVE_STATES as ACTIVE
 from datacredit.vocabulary import NOT_RETRIED, AttemptFailure, JobState, Phase, RunFailure
 
-from .jobs import (
+from .batch import (
     ANNOTATION_MEMBERS,
     COALITION,
     EXIT_STORAGE,
@@ -128,7 +128,7 @@ class Counts:
 
 
 @dataclass
-class Plan:
+class Decision:
     """The outcome of one reconcile: the phase and what to change."""
 
     phase: str
@@ -228,7 +228,7 @@ def decide(
     planner_factory: Callable[[int], AskTell],
     now: float | None = None,
     lost_after: float = LOST_AFTER_SECONDS,
-) -> tuple[Plan, AskTell | None]:
+) -> tuple[Decision, AskTell | None]:
     """Desired state: which Jobs to start or stop, which failures to record, and the run's phase.
 
     Walks the planner's sequence exactly as the local executor does: finished coalitions are told in
@@ -240,7 +240,7 @@ def decide(
     suspended = run.spec.suspend
     now = time.time() if now is None else now
     per, new_failures = _attempts(jobs, store, set(store.utilities), now, lost_after)
-    plan = Plan(phase=Phase.PENDING, record=new_failures)
+    plan = Decision(phase=Phase.PENDING, record=new_failures)
     plan.counts.failed_attempts = sum(len(a.failed) for k, a in per.items() if k != PREPARE)
 
     if not store.prepared:

@@ -12,7 +12,7 @@ from datacredit.runstate import replicate_utilities
 from datacredit.spec import ValuationRun
 from datacredit.storage import Storage, read_json, write_json
 
-from .jobs import PREPARE
+from .batch import PREPARE
 from .planners import PlannerCache
 from .reconcile import POD_FAILED, StoreView
 

@@ -14,7 +14,7 @@ from datacredit.crd import PAYOUT_TOP_N, TOP_N
 from datacredit.ids import display_name
 from datacredit.vocabulary import TERMINAL_PHASES, Phase, RunFailure
 
-from .reconcile import Plan
+from .reconcile import Decision
 from .waiting import Waiting
 
 
@@ -24,7 +24,7 @@ def now_iso() -> str:
 
 
 @dataclass(frozen=True)
-class Estimate:
+class StatusEstimate:
     """The planner's current estimate, by contributor."""
 
     names: list[str]
@@ -51,13 +51,13 @@ def _num(x: float) -> float:
     return round(float(x), 8) if math.isfinite(x) else 0.0
 
 
-def estimate_of(compute: Callable[[], Any], names: list[str]) -> Estimate | None:
+def estimate_of(compute: Callable[[], Any], names: list[str]) -> StatusEstimate | None:
     """The estimate ``compute()`` returns (a planner's), or None while it has too few evaluations."""
     try:
         est = compute()
     except (ValueError, np.linalg.LinAlgError):  # too few evaluations for this estimator yet
         return None
-    return Estimate(names, [float(v) for v in est.values], [float(s) for s in est.stderr],
+    return StatusEstimate(names, [float(v) for v in est.values], [float(s) for s in est.stderr],
                     int(est.n_evaluations), bool(est.converged), str(est.stop_reason))
 
 
@@ -115,11 +115,11 @@ def status_payout(outcome: dict[str, Any] | None) -> dict[str, Any] | None:
                     for e in paid[:PAYOUT_TOP_N]]}
 
 
-def build_status(plan: Plan, estimate: Estimate | None, old: dict[str, Any], *, generation: int,
+def build_status(plan: Decision, estimate: StatusEstimate | None, old: dict[str, Any], *, generation: int,
                  results_uri: str, contributors: int, now: str | None = None,
                  fidelity: dict[str, Any] | None = None, payout: dict[str, Any] | None = None,
                  waiting: Waiting | None = None) -> dict[str, Any]:
-    """The whole status from a Plan, the estimate and the previous status (for transition times).
+    """The whole status from a Decision, the estimate and the previous status (for transition times).
     ``waiting``: why Jobs are stuck (:func:`~.waiting.waiting_of`), shown as the `Waiting` condition.
     ``fidelity`` is :func:`status_fidelity` of the results document, once the run has one; ``payout`` is
     :func:`status_payout` of it when spec.payout asked for one (with the PaidOut condition)."""
@@ -188,7 +188,7 @@ def build_status(plan: Plan, estimate: Estimate | None, old: dict[str, Any], *, 
     return status
 
 
-def failed_note(plan: Plan) -> str:
+def failed_note(plan: Decision) -> str:
     """Which coalitions failed for good (they are left out of the estimate)."""
     if not plan.failed_for_good:
         return ""

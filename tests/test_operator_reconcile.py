@@ -11,7 +11,7 @@ import pytest
 from datacredit.ids import coalition_id
 from datacredit.operator.planners import PlannerCache
 from datacredit.operator.reconcile import JobView, StoreView, decide, job_state, job_view
-from datacredit.operator.status import Estimate, build_status, set_condition
+from datacredit.operator.status import StatusEstimate, build_status, set_condition
 from datacredit.spec import parse_manifest
 
 N = 3
@@ -222,7 +222,7 @@ def test_suspend_starts_nothing() -> None:
 
 def test_status_is_bounded_and_conditions_keep_transition_times() -> None:
     plan, planner = decide(RUN, [job(cid(3), 1, "Running")], prepared([0, 1, 2]), ScriptedPlanner)
-    est = Estimate([f"p{i}" for i in range(15)], [float(i) for i in range(15)], [0.1] * 15, 3, False, "budget")
+    est = StatusEstimate([f"p{i}" for i in range(15)], [float(i) for i in range(15)], [0.1] * 15, 3, False, "budget")
     status = build_status(plan, est, {}, generation=1, results_uri="s3://b/r/results/", contributors=15,
                           now="2026-01-01T00:00:00Z")
     assert status["phase"] == "Evaluating" and status["progress"] == "3/8"
@@ -380,7 +380,7 @@ def test_status_stays_small_with_very_long_contributor_names() -> None:
     names = ["studio " * 1500 + str(i) for i in range(15)]  # ~10 KB each, equal but for the end
     plan, _ = decide(RUN, [], prepared([0, 1, 2]), ScriptedPlanner)
     plan.phase, plan.reason, plan.message = "Failed", "CoalitionsFailed", "; ".join(names)
-    est = Estimate(names, [float(i) for i in range(15)], [0.1] * 15, 3, False, "budget")
+    est = StatusEstimate(names, [float(i) for i in range(15)], [0.1] * 15, 3, False, "budget")
     status = build_status(plan, est, {}, generation=1, results_uri="s3://b/r/results/", contributors=15,
                           now="2026-01-01T00:00:00Z")
     assert len(json.dumps(status).encode()) < 64 * 1024

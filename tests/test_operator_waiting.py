@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from datacredit.operator.reconcile import JobView, Plan
+from datacredit.operator.reconcile import Decision, JobView
 from datacredit.operator.status import build_status
 from datacredit.operator.waiting import waiting_candidates, waiting_of
 
@@ -53,11 +53,11 @@ def test_a_job_without_pods_points_at_the_service_account() -> None:
 
 def test_the_waiting_condition_is_set_and_cleared() -> None:
     found = waiting_of([job("a")], [])
-    status = build_status(Plan(phase="Evaluating"), None, {}, generation=1, results_uri="", contributors=3,
+    status = build_status(Decision(phase="Evaluating"), None, {}, generation=1, results_uri="", contributors=3,
                           waiting=found)
     conds = {c["type"]: c for c in status["conditions"]}
     assert conds["Waiting"]["status"] == "True" and conds["Waiting"]["reason"] == "PodsNotCreated"
-    later = build_status(Plan(phase="Evaluating"), None, status, generation=1, results_uri="", contributors=3)
+    later = build_status(Decision(phase="Evaluating"), None, status, generation=1, results_uri="", contributors=3)
     assert {c["type"]: c for c in later["conditions"]}["Waiting"]["status"] == "False"
-    fresh = build_status(Plan(phase="Evaluating"), None, {}, generation=1, results_uri="", contributors=3)
+    fresh = build_status(Decision(phase="Evaluating"), None, {}, generation=1, results_uri="", contributors=3)
     assert "Waiting" not in {c["type"] for c in fresh["conditions"]}

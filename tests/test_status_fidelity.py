@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from datacredit.crd import status_schema
-from datacredit.operator.reconcile import Plan
+from datacredit.operator.reconcile import Decision
 from datacredit.operator.status import build_status, status_fidelity
 
 
@@ -22,7 +22,7 @@ def test_status_has_the_fidelity_numbers_only() -> None:
     assert fid == {"pearson": 0.6123, "spearman": 0.7, "coalitions": 8, "ok": False}
     assert "pearson" not in (status_fidelity(_results(None, ok=False)) or {})  # undefined: left out, not 0
 
-    plan = Plan(phase="Succeeded")
+    plan = Decision(phase="Succeeded")
     status = build_status(plan, None, {}, generation=1, results_uri="s3://b/r/results/", contributors=4,
                           fidelity=fid, now="2026-01-01T00:00:00Z")
     assert status["fidelity"] == fid

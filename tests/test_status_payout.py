@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from datacredit.crd import status_schema
-from datacredit.operator.reconcile import Plan
+from datacredit.operator.reconcile import Decision
 from datacredit.operator.status import build_status, payout_patch, status_payout
 
 
@@ -37,7 +37,7 @@ def test_the_summary_is_bounded_exact_and_in_the_schema() -> None:
 
 
 def test_the_status_shows_the_payout_and_a_paid_out_condition() -> None:
-    plan = Plan(phase="Succeeded")
+    plan = Decision(phase="Succeeded")
     summary = status_payout({"document": _document(), "written": []})
     status = build_status(plan, None, {}, generation=2, results_uri="s3://b/r/results/", contributors=5,
                           payout=summary, now="2026-01-01T00:00:00Z")
@@ -53,7 +53,7 @@ def test_the_status_shows_the_payout_and_a_paid_out_condition() -> None:
 def test_a_failed_payout_is_a_condition_and_a_message_not_a_failed_run() -> None:
     failed = status_payout({"error": "nothing to pay on: " + "z" * 5000, "period": "2025-06"})
     assert failed is not None and failed["period"] == "2025-06" and len(failed["error"]) == 4000
-    status = build_status(Plan(phase="Succeeded"), None, {}, generation=1, results_uri="s3://b/r/results/",
+    status = build_status(Decision(phase="Succeeded"), None, {}, generation=1, results_uri="s3://b/r/results/",
                           contributors=2, payout=failed, now="2026-01-01T00:00:00Z")
     conds = {c["type"]: c for c in status["conditions"]}
     assert status["phase"] == "Succeeded" and conds["Ready"]["status"] == "True"

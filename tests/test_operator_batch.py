@@ -6,18 +6,18 @@ from typing import Any
 
 import pytest
 
-from datacredit.operator.jobs import (
+from datacredit.operator.batch import (
     KUEUE_QUEUE_LABEL,
     LABEL_RUN_UID,
     WORKER_COMMAND_ENV,
     JobRequest,
-    RunRef,
+    Owner,
     job_name,
     render_job,
 )
 from datacredit.spec import parse_manifest
 
-REF = RunRef("cifar20-quality", "team-a", "1a2b3c4d-0000-1111-2222-333344445555")
+REF = Owner("cifar20-quality", "team-a", "1a2b3c4d-0000-1111-2222-333344445555")
 URI = "s3://bucket/runs/team-a/cifar20-quality-1a2b3c4d"
 
 
@@ -35,8 +35,8 @@ def _run(**execution: Any) -> Any:
 def test_names_are_stable_short_and_distinct() -> None:
     assert job_name(REF, "prepare", 1) == "cifar20-quality-1a2b3-prepare-a1"
     assert job_name(REF, "c0123456789abcde", 3) == "cifar20-quality-1a2b3-c0123456789abcde-a3"
-    long_a = RunRef("a" * 63, "ns", REF.uid)
-    long_b = RunRef("a" * 62 + "b", "ns", REF.uid)
+    long_a = Owner("a" * 63, "ns", REF.uid)
+    long_b = Owner("a" * 62 + "b", "ns", REF.uid)
     names = {job_name(r, "c0123456789abcde", 20) for r in (long_a, long_b)}
     assert len(names) == 2 and all(len(n) <= 63 for n in names)
     assert all(n[0].isalnum() and n[-1].isalnum() for n in names)

@@ -43,7 +43,7 @@ class JobRequest:
 
 
 @dataclass(frozen=True)
-class RunRef:
+class Owner:
     """The run object's identity as the API server knows it."""
 
     name: str
@@ -51,7 +51,7 @@ class RunRef:
     uid: str
 
 
-def job_name(run: RunRef, key: str, attempt: int) -> str:
+def job_name(run: Owner, key: str, attempt: int) -> str:
     """`<run>-<uid5>-<prepare|coalition id>-a<attempt>`, shortened to 63 characters and unique per run.
 
     The same (run, key, attempt) always gives the same name, so a Job is never created twice.
@@ -83,7 +83,7 @@ def worker_args(run: ValuationRun, run_uri: str, request: JobRequest) -> list[st
     return args
 
 
-def labels(run: RunRef, request: JobRequest) -> dict[str, str]:
+def labels(run: Owner, request: JobRequest) -> dict[str, str]:
     """Labels of the Job and its pods; the operator's Job index selects on LABEL_RUN_UID."""
     out = {
         "app.kubernetes.io/name": "datacredit",
@@ -125,7 +125,7 @@ def _env(run: ValuationRun) -> list[dict[str, str]]:
     return [pod_name, *({"name": k, "value": v} for k, v in env.items())]
 
 
-def render_job(run: ValuationRun, ref: RunRef, run_uri: str, request: JobRequest) -> dict[str, Any]:
+def render_job(run: ValuationRun, ref: Owner, run_uri: str, request: JobRequest) -> dict[str, Any]:
     """The batch/v1 Job of one worker step (prepare or a coalition attempt)."""
     ex = run.spec.execution
     job_labels = labels(ref, request)
