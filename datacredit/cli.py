@@ -11,6 +11,7 @@ import typer.core
 from rich.markup import escape
 
 from .progress import console
+from .shapley import method_names
 from .spec import SpecError, ValuationRun, load_manifest
 from .vocabulary import ExitCode
 
@@ -296,7 +297,7 @@ def _print_checks(doc: dict[str, Any]) -> None:
 @app.command()
 def estimate(
     table: Annotated[Path, typer.Option(help="utilities.jsonl of a run: one {members, utility} per line.")],
-    method: Annotated[str, typer.Option(help="kernel | exact | permutation | banzhaf | loo")] = "kernel",
+    method: Annotated[str, typer.Option(help=" | ".join(method_names()))] = "kernel",
     players: Annotated[int | None, typer.Option(help="Number of contributors (default: from the names, else "
                                                      "the table).")] = None,
     names: Annotated[str | None, typer.Option(help="Contributor names (and the run's plan) from this run: its "

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from . import layout
-from .shapley import METHODS, Estimate, estimate_from_table
+from .shapley import Estimate, estimate_from_table, method_names
 from .shapley.design import make_plan
 from .shapley.permutation import permutation_shapley
 from .shapley.result import Z95
@@ -158,8 +158,8 @@ def reestimate(rows: list[dict[str, Any]], method: str, *, n_players: int | None
     plan (``run``, from a permutation run) whose antithetic chains the table completes at least once.
     ``kernel`` and ``banzhaf`` regress over whatever the table holds (exact once it is complete).
     """
-    if method not in METHODS:
-        raise CannotEstimate(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if method not in method_names():
+        raise CannotEstimate(f"unknown method {method!r}; choose one of {', '.join(method_names())}")
     names = run.names if run else None
     table_n = 1 + max((max(as_row(r).members, default=-1) for r in rows), default=-1)
     n = n_players or (len(names) if names else table_n)

@@ -24,6 +24,7 @@ from pydantic.alias_generators import to_camel
 from .errors import BadInput
 from .layout import check_uri
 from .payout import PERIOD_PATTERN, PayoutError, currency_exponent, parse_amount
+from .shapley import method_names
 
 API_VERSION = "datacredit.dev/v1alpha1"
 KIND = "ValuationRun"
@@ -256,7 +257,9 @@ class ReplicateSpec(_Model):
 class EstimatorSpec(_Model):
     """Which coalitions to evaluate and how Shapley values are fitted."""
 
-    name: Literal["kernel", "exact", "permutation", "banzhaf", "loo"] = "kernel"
+    name: Annotated[str, Field(description="The estimator (datacredit.shapley.registry): kernel, exact, permutation, "
+                                           "banzhaf, loo, or one registered with register_method.",
+                               json_schema_extra=lambda schema: schema.update(enum=list(method_names())))] = "kernel"
     budget: Annotated[
         int, Field(ge=2, le=100_000, description="Most coalitions evaluated, ∅ and full set included.")
     ] = 64
@@ -275,6 +278,13 @@ class EstimatorSpec(_Model):
     top_k: Annotated[
         int | None, Field(ge=1, le=10_000, description="stop: topK: how many best and worst contributors.")
     ] = None
+
+    @field_validator("name")
+    @classmethod
+    def _known_method(cls, name: str) -> str:
+        if name not in method_names():
+            raise ValueError(f"unknown estimator {name!r}; choose one of {', '.join(method_names())}")
+        return name
 
     @model_validator(mode="after")
     def _top_k_with_its_question(self) -> EstimatorSpec:

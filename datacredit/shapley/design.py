@@ -8,12 +8,13 @@ one of ``Plan.boundaries`` is itself a valid (anytime) design; convergence check
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import combinations
 
 import numpy as np
 
 from datacredit.shapley.hadamard import orthogonal_coalitions
+from datacredit.shapley.registry import get_method
 from datacredit.shapley.result import StopReason
 from datacredit.shapley.sizes import (
     n_classes,
@@ -22,7 +23,6 @@ from datacredit.shapley.sizes import (
 )
 from datacredit.shapley.table import coalition_key
 
-METHODS = ("exact", "kernel", "permutation", "banzhaf", "loo")
 MAX_EXACT_PLAYERS = 20
 #: A size class with at most this many complement pairs is enumerated and shuffled, not rejection-sampled.
 ENUMERATE_CLASS_LIMIT = 20_000
@@ -83,24 +83,38 @@ class _Sequence:
 
 
 def make_plan(n_players: int, budget: int, method: str = "kernel", seed: int = 0) -> Plan:
-    """Build the deterministic plan of ``method`` for ``n_players`` within ``budget`` evaluations."""
+    """Build the deterministic plan of ``method`` (a name in :mod:`datacredit.shapley.registry`) for
+    ``n_players`` within ``budget`` evaluations."""
     if n_players < 1:
         raise ValueError("n_players must be >= 1")
     if budget < 2:
         raise ValueError("budget must be >= 2 (∅ and the full set)")
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    if method == "exact":
-        return _exact_plan(n_players, budget, seed)
-    seq = _Sequence(n_players)
-    seq.add(np.zeros(n_players, dtype=bool))
-    seq.add(np.ones(n_players, dtype=bool))
-    rng = np.random.default_rng(seed)
-    if method == "loo":
-        return _loo_plan(seq, budget, seed)
-    if method == "permutation":
-        return _permutation_plan(seq, budget, seed, rng)
-    return _paired_plan(seq, budget, method, seed, rng)
+    plan = get_method(method).plan(n_players, budget, seed)
+    return plan if plan.method == method else replace(plan, method=method)  # a method may reuse another's design
+
+
+def _start(n: int) -> _Sequence:
+    """A sequence holding ∅ and the full set, which every plan evaluates first."""
+    seq = _Sequence(n)
+    seq.add(np.zeros(n, dtype=bool))
+    seq.add(np.ones(n, dtype=bool))
+    return seq
+
+
+def loo_plan(n: int, budget: int, seed: int) -> Plan:
+    """∅, the full set and the n leave-one-out coalitions."""
+    return _loo_plan(_start(n), budget, seed)
+
+
+def permutation_plan(n: int, budget: int, seed: int) -> Plan:
+    """Antithetic permutation pairs within the budget."""
+    return _permutation_plan(_start(n), budget, seed, np.random.default_rng(seed))
+
+
+def paired_plan(n: int, budget: int, seed: int, weighting: str = "kernel") -> Plan:
+    """Complement pairs over size classes, weighted as ``weighting`` (``kernel``: Shapley kernel mass, with
+    leave-one-out pairs and Hadamard blocks first; ``banzhaf``: uniform over coalitions)."""
+    return _paired_plan(_start(n), budget, weighting, seed, np.random.default_rng(seed))
 
 
 def _finish(
@@ -117,7 +131,8 @@ def _finish(
     return Plan(method, seq.n, budget, seed, seq.array(), np.array(boundaries, dtype=int), end_reason, chains)
 
 
-def _exact_plan(n: int, budget: int, seed: int) -> Plan:
+def exact_plan(n: int, budget: int, seed: int) -> Plan:
+    """Every coalition: ∅, the full set, then the rest in binary order."""
     if n > MAX_EXACT_PLAYERS:
         raise ValueError(f"exact needs 2^n evaluations; n = {n} > {MAX_EXACT_PLAYERS} is not supported")
     if budget < 2**n:

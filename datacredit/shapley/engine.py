@@ -7,12 +7,8 @@ from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
 
-from datacredit.shapley.banzhaf import banzhaf
-from datacredit.shapley.design import METHODS, Plan, make_plan
-from datacredit.shapley.exact import exact_banzhaf, exact_shapley, is_complete
-from datacredit.shapley.kernel import kernel_shapley
-from datacredit.shapley.loo import leave_one_out
-from datacredit.shapley.permutation import permutation_shapley
+from datacredit.shapley.design import Plan, make_plan
+from datacredit.shapley.registry import get_method
 from datacredit.shapley.result import Estimate, StopReason
 from datacredit.shapley.seednoise import SeedNoise, seed_variance, sensitivity
 from datacredit.shapley.stopping import StoppingRule
@@ -32,19 +28,8 @@ def table_values(
     ``exact`` does the same while incomplete.
     """
     obs = Observations.of(table, upto)
-    used = len(obs.values)
-    if method == "loo":
-        return (*leave_one_out(obs), used)
-    complete = is_complete(obs)
-    if method == "banzhaf":
-        return (*(exact_banzhaf(obs) if complete else banzhaf(obs)), used)
-    if complete:
-        return (*exact_shapley(obs), used)
-    if method == "permutation" and plan is not None and plan.chains is not None:
-        result = permutation_shapley(table, plan.chains, len(table.count) if upto is None else upto)
-        if result is not None:
-            return (*result, used)
-    return (*kernel_shapley(obs), used)
+    values, stderr = get_method(method).fit(obs, table, plan, upto)
+    return values, stderr, len(obs.values)
 
 
 def seed_stderr(table: Table, method: str, noise: SeedNoise, plan: Plan | None = None,
@@ -147,8 +132,7 @@ def estimate_from_table(
     results/utilities.jsonl stores them) add the between-seed part to the standard errors.
     ``converged`` reports whether the interval criterion holds.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    get_method(method)  # unknown: ValueError naming the choices
     raw = list(rows)
     rows = [as_row(r) for r in raw]
     n = infer_n_players(rows) if n_players is None else n_players

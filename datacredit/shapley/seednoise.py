@@ -22,8 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from datacredit.shapley.exact import is_complete, semivalue_weights
-from datacredit.shapley.kernel import kernel_fit
+from datacredit.shapley.registry import get_method
 from datacredit.shapley.table import Observations
 
 
@@ -82,16 +81,14 @@ def replicate_positions(sequence: np.ndarray, coalitions: int, horizon: int | No
 def sensitivity(obs: Observations, method: str, values_of: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
     """J (n, rows): how each value moves with each observed row's mean utility.
 
-    Closed form for ``kernel`` (at its fitted blend weight) and for complete enumeration; central
-    differences of ``values_of`` (the estimator on modified utilities) otherwise.
+    The method's closed form where it has one (``kernel`` at its fitted blend weight, complete enumeration);
+    central differences of ``values_of`` (the estimator on modified utilities) otherwise.
     """
+    closed = get_method(method).sensitivity
+    J = closed(obs) if closed is not None else None
+    if J is not None:
+        return J
     n, rows = obs.members.shape[1], len(obs.values)
-    if method in ("kernel", "exact", "permutation") and is_complete(obs):
-        return _semivalue_sensitivity(obs, semivalue_weights(n, "shapley"))
-    if method == "banzhaf" and is_complete(obs):
-        return _semivalue_sensitivity(obs, semivalue_weights(n, "banzhaf"))
-    if method == "kernel":
-        return kernel_fit(obs).sensitivity
     scale = float(np.nanstd(obs.values)) or 1.0
     h = 1e-4 * scale
     out = np.zeros((n, rows))
@@ -103,7 +100,7 @@ def sensitivity(obs: Observations, method: str, values_of: Callable[[np.ndarray]
     return out
 
 
-def _semivalue_sensitivity(obs: Observations, weight_of_size: np.ndarray) -> np.ndarray:
+def semivalue_sensitivity(obs: Observations, weight_of_size: np.ndarray) -> np.ndarray:
     """J of sum_{S not containing i} p_|S| (v(S + i) - v(S)): +p_{|S|-1} where i is in S, -p_|S| elsewhere."""
     sizes = obs.members.sum(axis=1)
     inside = weight_of_size[np.clip(sizes - 1, 0, None)][None, :]

@@ -7,10 +7,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from datacredit.shapley.design import Plan
+from datacredit.shapley.registry import get_method
 from datacredit.shapley.result import Z95
 
-#: Methods whose plan has no stopping checkpoints (their design is all-or-nothing).
-FIXED_DESIGN_METHODS = ("exact", "loo")
 #: What a run can stop on: every value to a tolerance, who the k best and k worst are, or every value's sign.
 QUESTIONS = ("interval", "topK", "sign")
 
@@ -60,7 +59,7 @@ class StoppingRule:
     def applies(self, method: str) -> bool:
         """Whether the rule can stop ``method`` early (a question or tolerance, and a design that can stop)."""
         asked = self.question != "interval" or self.tolerance is not None or self.atol is not None
-        return asked and method not in FIXED_DESIGN_METHODS
+        return asked and get_method(method).stops_early
 
     def checkpoints(self, plan: Plan) -> list[int]:
         """Sequence positions at which the rule is evaluated (none if it does not apply)."""
