@@ -30,6 +30,39 @@ def attempt_dir(cid: str, attempt: int) -> str:
     return f"coalitions/{cid}/attempt-{attempt}"
 
 
+PREPARE_STEP = "prepare"  # the attempt owner of the prepare step (coalitions own theirs by id)
+FAILED_MARKER = "failed.json"  # written by the operator: attempt k of a coalition (or prepare) failed
+CREATED_MARKER = "created.json"  # written by the operator just before it creates the Job of attempt k
+
+
+def attempt_marker(owner: str, attempt: int, name: str) -> str:
+    """A marker file of attempt ``attempt`` of ``owner`` (:data:`PREPARE_STEP` or a coalition id)."""
+    base = PREPARE_STEP if owner == PREPARE_STEP else f"coalitions/{owner}"
+    return f"{base}/attempt-{attempt}/{name}"
+
+
+def parse_attempt_marker(key: str) -> tuple[str, int, str] | None:
+    """(owner, attempt, marker name) of a failed/created marker key, else None."""
+    parts = key.split("/")
+    if len(parts) < 3 or parts[-1] not in (FAILED_MARKER, CREATED_MARKER) or not parts[-2].startswith("attempt-"):
+        return None
+    try:
+        attempt = int(parts[-2].removeprefix("attempt-"))
+    except ValueError:
+        return None
+    if parts[0] == PREPARE_STEP and len(parts) == 3:
+        return PREPARE_STEP, attempt, parts[-1]
+    if parts[0] == "coalitions" and len(parts) == 4:
+        return parts[1], attempt, parts[-1]
+    return None
+
+
+def parse_coalition_result(key: str) -> str | None:
+    """The coalition id of a ``coalitions/<id>/result.json`` key, else None."""
+    parts = key.split("/")
+    return parts[1] if len(parts) == 3 and parts[0] == "coalitions" and parts[2] == "result.json" else None
+
+
 def run_prefix(namespace: str, name: str, uid: str) -> str:
     """`<namespace>/<run>-<uid8>` below the storage URI."""
     return f"{namespace}/{run_dir_name(name, uid)}"

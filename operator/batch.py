@@ -8,6 +8,7 @@ import shlex
 from dataclasses import dataclass, field
 from typing import Any
 
+from datacredit import layout
 from datacredit.spec import API_VERSION, KIND, ValuationRun
 from datacredit.vocabulary import ExitCode
 
@@ -18,7 +19,7 @@ LABEL_COALITION = "datacredit.dev/coalition"
 LABEL_ATTEMPT = "datacredit.dev/attempt"
 ANNOTATION_MEMBERS = "datacredit.dev/members"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
-PREPARE = "prepare"
+PREPARE = layout.PREPARE_STEP
 COALITION = "coalition"
 CONTAINER = "worker"
 EXIT_BAD_INPUT, EXIT_STORAGE = int(ExitCode.BAD_INPUT), int(ExitCode.STORAGE)  # their own pod-failure rules

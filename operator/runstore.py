@@ -12,27 +12,18 @@ from datacredit.runstate import replicate_utilities
 from datacredit.spec import ValuationRun
 from datacredit.storage import Storage, read_json, write_json
 
-from .batch import PREPARE
 from .planners import PlannerCache
 from .reconcile import POD_FAILED, StoreView
-
-FAILED_MARKER = "failed.json"  # written by the operator: attempt k of a coalition (or prepare) failed
-CREATED_MARKER = "created.json"  # written by the operator just before it creates the Job of attempt k
-
-
-def _marker(key: str, attempt: int, name: str) -> str:
-    base = "prepare" if key == PREPARE else f"coalitions/{key}"
-    return f"{base}/attempt-{attempt}/{name}"
 
 
 def failure_key(key: str, attempt: int) -> str:
     """Where the operator records that an attempt failed (survives Job TTL deletion and restarts)."""
-    return _marker(key, attempt, FAILED_MARKER)
+    return layout.attempt_marker(key, attempt, layout.FAILED_MARKER)
 
 
 def created_key(key: str, attempt: int) -> str:
     """Where the operator records that it created the Job of an attempt: attempts are counted from storage."""
-    return _marker(key, attempt, CREATED_MARKER)
+    return layout.attempt_marker(key, attempt, layout.CREATED_MARKER)
 
 
 @dataclass
@@ -63,25 +54,25 @@ def ensure_run_json(store: Storage, run: ValuationRun, memory: RunMemory) -> Non
         memory.run_json_written = True
 
 
-def _parse_markers(store: Storage, keys: list[str], memory: RunMemory, key_of: Any, finished: set[str]) -> None:
+def _parse_markers(store: Storage, keys: list[str], memory: RunMemory, finished: set[str]) -> None:
     """Failure and created markers among `keys` not parsed before (markers are written once, never changed);
     the created markers of `finished` keys are not read (one GET per coalition after a restart, for nothing)."""
     for k in keys:
-        parts = k.split("/")
-        if parts[-1] not in (FAILED_MARKER, CREATED_MARKER) or not parts[-2].startswith("attempt-"):
+        marker = layout.parse_attempt_marker(k)
+        if marker is None:
             continue
-        owner, attempt = key_of(parts), int(parts[-2].removeprefix("attempt-"))
-        table: dict[str, dict[int, Any]] = memory.failures if parts[-1] == FAILED_MARKER else memory.created
+        owner, attempt, name = marker
+        table: dict[str, dict[int, Any]] = memory.failures if name == layout.FAILED_MARKER else memory.created
         if attempt in table.get(owner, {}):
             continue
-        if parts[-1] == CREATED_MARKER and owner in finished:  # its time only matters while there is no result
+        if name == layout.CREATED_MARKER and owner in finished:  # its time only matters while there is no result
             memory.created.setdefault(owner, {})[attempt] = 0.0
             continue
         try:
             doc = read_json(store, k)
         except (FileNotFoundError, ValueError):
             doc = {}
-        if parts[-1] == FAILED_MARKER:
+        if name == layout.FAILED_MARKER:
             memory.failures.setdefault(owner, {})[attempt] = str(doc.get("reason", POD_FAILED))
             memory.messages.setdefault(owner, {})[attempt] = str(doc.get("message", ""))[:2000]
         else:
@@ -91,29 +82,28 @@ def _parse_markers(store: Storage, keys: list[str], memory: RunMemory, key_of: A
 def read_store(store: Storage, memory: RunMemory) -> tuple[StoreView, dict[str, dict[str, float]]]:
     """The StoreView of a run, and the stage seconds of results that appeared since the last call."""
     if not memory.prepared:
-        keys = store.list("prepare")
-        finished = {PREPARE} if layout.PREPARE_RESULT in keys else set()
-        _parse_markers(store, keys, memory, lambda parts: PREPARE, finished)
+        keys = store.list(layout.PREPARE_STEP)
+        finished = {layout.PREPARE_STEP} if layout.PREPARE_RESULT in keys else set()
+        _parse_markers(store, keys, memory, finished)
         if store.exists(layout.PREPARE_RESULT):
             memory.contributors = read_json(store, layout.MANIFEST)["contributors"]
             memory.prepared = True
     fresh: dict[str, dict[str, float]] = {}
     if memory.prepared:
         keys = store.list("coalitions")
-        finished = {k.split("/")[1] for k in keys if k.endswith("/result.json") and k.count("/") == 2}
-        _parse_markers(store, keys, memory, lambda parts: parts[1], finished)
-        for k in keys:
-            parts = k.split("/")
-            if len(parts) == 3 and parts[2] == "result.json" and parts[1] not in memory.utilities:
+        results = {cid: k for k in keys if (cid := layout.parse_coalition_result(k)) is not None}
+        _parse_markers(store, keys, memory, set(results))
+        for cid, k in results.items():
+            if cid not in memory.utilities:
                 doc = read_json(store, k)
-                memory.utilities[parts[1]] = float(doc["utility"])
+                memory.utilities[cid] = float(doc["utility"])
                 if replicate_utilities(doc):
-                    memory.replicates[parts[1]] = replicate_utilities(doc)
+                    memory.replicates[cid] = replicate_utilities(doc)
                 seconds = doc.get("seconds") or {}
                 if "total" in seconds:
                     memory.coalition_seconds.append(float(seconds["total"]))
                 if memory.listed_once:
-                    fresh[parts[1]] = seconds
+                    fresh[cid] = seconds
         memory.listed_once = True
     view = StoreView(memory.prepared, memory.contributors, dict(memory.utilities),
                      replicates=dict(memory.replicates), failures={k: dict(v) for k, v in memory.failures.items()},
