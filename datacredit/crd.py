@@ -13,17 +13,14 @@ import copy
 from typing import Any
 
 from .layout import S3_URI_PATTERN
+from .run_status import RunStatus
 from .spec import API_VERSION, DNS1123, KIND, ValuationRunSpec
-from .vocabulary import Phase
 
 GROUP, VERSION = API_VERSION.split("/")
 PLURAL, SINGULAR = "valuationruns", "valuationrun"
 NAME = f"{PLURAL}.{GROUP}"
 SHORT_NAMES = ["vrun", "vruns"]
 CATEGORIES = ["datacredit", "all-valuations"]
-PHASES = [str(p) for p in Phase]
-TOP_N = 10
-PAYOUT_TOP_N = 3
 
 DNS1123_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"  # no \ for CEL
 _KEEP = (  # the keywords kept, in the order they are written
@@ -206,105 +203,13 @@ def spec_schema() -> dict[str, Any]:
     return schema
 
 
-def _condition_schema() -> dict[str, Any]:
-    string = {"type": "string"}
-    return {
-        "type": "object",
-        "required": ["type", "status"],
-        "properties": {
-            "type": {**string, "description": "Prepared, Converged, Ready, Failed, Waiting or PaidOut."},
-            "status": {"type": "string", "enum": ["True", "False", "Unknown"]},
-            "reason": string,
-            "message": string,
-            "lastTransitionTime": {"type": "string", "format": "date-time"},
-            "observedGeneration": {"type": "integer", "format": "int64"},
-        },
-    }
-
-
 def status_schema() -> dict[str, Any]:
-    """The bounded status the operator writes: counts, an estimate summary and the top contributors."""
-    count = {"type": "integer", "format": "int64", "minimum": 0}
-    number = {"type": "number"}
-    return {
-        "type": "object",
-        "description": "Written by the operator only. Per-coalition detail lives in storage, not here.",
-        "properties": {
-            "phase": {"type": "string", "enum": PHASES},
-            "observedGeneration": {"type": "integer", "format": "int64"},
-            "startTime": {"type": "string", "format": "date-time"},
-            "completionTime": {"type": "string", "format": "date-time"},
-            "contributors": {**count, "description": "Contributors found by the prepare step."},
-            "progress": {"type": "string", "description": "succeeded/planned coalitions, e.g. 12/64."},
-            "coalitions": {
-                "type": "object",
-                "properties": {k: count for k in ("planned", "succeeded", "running", "queued", "failed",
-                                                                   "failedAttempts")},
-            },
-            "estimate": {
-                "type": "object",
-                "properties": {
-                    "evaluations": count,
-                    "maxStderr": number,
-                    "converged": {"type": "boolean"},
-                    "stopReason": {"type": "string"},
-                },
-            },
-            "top": {
-                "type": "array",
-                "maxItems": TOP_N,
-                "description": f"The {TOP_N} contributors with the highest values (all of them: results).",
-                "items": {
-                    "type": "object",
-                    "required": ["contributor", "value"],
-                    "properties": {"contributor": {"type": "string"}, "value": number, "stderr": number},
-                },
-            },
-            "topContributor": {"type": "string"},
-            "fidelity": {
-                "type": "object",
-                "description": "How well the run's sparsified-FT utilities track retrained ones, from "
-                               "`datacredit calibrate` (results/shapley.json has the intervals).",
-                "properties": {
-                    "pearson": number,
-                    "spearman": number,
-                    "coalitions": {**count, "description": "Calibration coalitions retrained."},
-                    "ok": {"type": "boolean", "description": "Pearson reaches the threshold (0.8)."},
-                },
-            },
-            "payout": {
-                "type": "object",
-                "description": "The payout spec.payout asked for (payouts/<period>.json has every contributor), "
-                               "or why it could not be made (the values are kept).",
-                "properties": {
-                    "period": {"type": "string"},
-                    "rule": {"type": "string"},
-                    "currency": {"type": "string"},
-                    "total": {"type": "string", "description": "The pool, exact, in currency units."},
-                    "paid": {"type": "string"},
-                    "escrow": {"type": "string", "description": "Held until the intervals narrow (lower-bound)."},
-                    "top": {
-                        "type": "array",
-                        "maxItems": PAYOUT_TOP_N,
-                        "description": f"The {PAYOUT_TOP_N} largest amounts.",
-                        "items": {
-                            "type": "object",
-                            "required": ["contributor", "amount"],
-                            "properties": {"contributor": {"type": "string"}, "amount": {"type": "string"}},
-                        },
-                    },
-                    "error": {"type": "string", "maxLength": 4000, "description": "Why no payout was made."},
-                },
-            },
-            "results": {"type": "string", "description": "URI of results/ (shapley.json, shapley.csv)."},
-            "conditions": {
-                "type": "array",
-                "items": _condition_schema(),
-                "x-kubernetes-list-type": "map",
-                "x-kubernetes-list-map-keys": ["type"],
-            },
-        },
-    }
+    """The bounded status the operator writes (:class:`~datacredit.run_status.RunStatus`): counts, an estimate
+    summary, the top contributors and conditions (a list map keyed by type)."""
+    raw = RunStatus.model_json_schema(by_alias=True, mode="serialization")
+    schema = _convert(raw, raw.get("$defs", {}))
+    schema["properties"]["conditions"].update({"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]})
+    return schema
 
 
 def build_crd() -> dict[str, Any]:

@@ -10,8 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from datacredit.crd import PAYOUT_TOP_N, TOP_N
 from datacredit.ids import display_name
+from datacredit.run_status import PAYOUT_TOP_N, TOP_N, RunStatus
 from datacredit.vocabulary import TERMINAL_PHASES, Phase, RunFailure
 
 from .reconcile import Decision
@@ -119,7 +119,8 @@ def build_status(plan: Decision, estimate: StatusEstimate | None, old: dict[str,
                  results_uri: str, contributors: int, now: str | None = None,
                  fidelity: dict[str, Any] | None = None, payout: dict[str, Any] | None = None,
                  waiting: Waiting | None = None) -> dict[str, Any]:
-    """The whole status from a Decision, the estimate and the previous status (for transition times).
+    """The whole status (a :class:`~datacredit.run_status.RunStatus` document) from a Decision, the estimate and
+    the previous status (for transition times).
     ``waiting``: why Jobs are stuck (:func:`~.waiting.waiting_of`), shown as the `Waiting` condition.
     ``fidelity`` is :func:`status_fidelity` of the results document, once the run has one; ``payout`` is
     :func:`status_payout` of it when spec.payout asked for one (with the PaidOut condition)."""
@@ -185,7 +186,7 @@ def build_status(plan: Decision, estimate: StatusEstimate | None, old: dict[str,
                                   f"{payout['currency']} by {payout['rule']} in payouts/{payout['period']}.json",
                                   generation, now)
     status["conditions"] = conds
-    return status
+    return RunStatus.model_validate(status).to_status()  # typed: a field the CRD does not know fails here, in tests
 
 
 def failed_note(plan: Decision) -> str:
