@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import replace
 
 import numpy as np
 
@@ -80,6 +81,7 @@ def estimate(
     batch_size: int | None = None,
     question: str = "interval",
     k: int | None = None,
+    names: Sequence[str] | None = None,
 ) -> Estimate:
     """Estimate contributor values by calling ``utility`` on batches of coalitions.
 
@@ -91,8 +93,10 @@ def estimate(
     stops instead once the k highest and k lowest values are separated from the rest at 95%, ``"sign"`` once
     every value's interval excludes zero (:class:`~datacredit.shapley.stopping.StoppingRule`). Batches never cross a
     checkpoint; ``batch_size`` (default: up to the next checkpoint) caps them further. The
-    :class:`~datacredit.planner.Planner` walks the same plan and returns the same estimate.
+    :class:`~datacredit.planner.Planner` walks the same plan and returns the same estimate. ``names`` (one per
+    player) label the result: :meth:`~datacredit.shapley.result.Estimate.to_frame` and ``plot`` show them.
     """
+    labels = _names(names, n_players)
     plan = make_plan(n_players, budget, method, seed)
     rule = StoppingRule(tolerance, atol, min_evaluations, check_every, question, k)
     table = Table(plan.sequence)
@@ -111,8 +115,16 @@ def estimate(
         if stop < end:
             result = plan_estimate(plan, table, rule, stop, stop, StopReason.CONVERGED)
             if result.converged:
-                return result
-    return plan_estimate(plan, table, rule, end, end, plan.end_reason)
+                return replace(result, names=labels)
+    return replace(plan_estimate(plan, table, rule, end, end, plan.end_reason), names=labels)
+
+
+def _names(names: Sequence[str] | None, n_players: int) -> tuple[str, ...] | None:
+    if names is None:
+        return None
+    if len(names) != n_players:
+        raise ValueError(f"names: {len(names)} names for {n_players} players")
+    return tuple(str(x) for x in names)
 
 
 def estimate_from_table(
@@ -122,6 +134,7 @@ def estimate_from_table(
     *,
     tolerance: float | None = None,
     atol: float | None = None,
+    names: Sequence[str] | None = None,
 ) -> Estimate:
     """Re-estimate any method from stored rows (e.g. a JSONL table), averaging repeated coalitions.
 
@@ -147,4 +160,4 @@ def estimate_from_table(
     complete = used == 2**n
     reason = StopReason.ALL_COALITIONS if complete else StopReason.BUDGET
     met = StoppingRule(tolerance, atol).met(method, values, stderr)
-    return Estimate(values, stderr, len(rows), met, reason, method, used, between, noise)
+    return Estimate(values, stderr, len(rows), met, reason, method, used, between, noise, _names(names, n))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -48,11 +48,47 @@ class Estimate:
     n_coalitions: int
     seed_stderr: np.ndarray | None = None  # the between-seed part of ``stderr`` (None: not measured)
     noise: SeedNoise | None = None  # the variance components it came from
+    names: tuple[str, ...] | None = None  # contributor names, when the caller gave them
 
     @property
     def halfwidth(self) -> np.ndarray:
         """Half-width of the 95% interval of each value."""
         return Z95 * self.stderr
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        """The contributor names, or ``player 0``, ``player 1``, ... without them."""
+        return self.names or tuple(f"player {i}" for i in range(len(self.values)))
+
+    def to_frame(self) -> Any:
+        """A pandas DataFrame indexed by contributor: ``value``, ``stderr`` and the 95% interval ``low``/``high``,
+        best first (needs pandas)."""
+        try:
+            import pandas as pd
+        except ImportError:
+            raise ImportError("Estimate.to_frame() needs pandas: pip install pandas") from None
+        frame = pd.DataFrame({"value": self.values, "stderr": self.stderr, "low": self.values - self.halfwidth,
+                              "high": self.values + self.halfwidth}, index=pd.Index(self.labels, name="contributor"))
+        return frame.sort_values("value", ascending=False, kind="stable")
+
+    def plot(self, ax: Any = None, title: str = "") -> Any:
+        """A horizontal bar chart of the values, best on top, with 95% intervals; returns the matplotlib Axes
+        (a new figure unless ``ax`` is given; needs matplotlib)."""
+        try:
+            import matplotlib.pyplot as plt
+        except ImportError:
+            raise ImportError("Estimate.plot() needs matplotlib: pip install matplotlib") from None
+        order = np.argsort(self.values, kind="stable")  # barh draws the first at the bottom
+        if ax is None:
+            _, ax = plt.subplots(figsize=(6, 0.6 + 0.35 * len(order)), layout="constrained")
+        values = self.values[order]
+        ax.barh([self.labels[i] for i in order], values, xerr=np.where(np.isfinite(self.halfwidth[order]),
+                self.halfwidth[order], 0.0), color=np.where(values >= 0, "tab:blue", "tab:red"), capsize=3)
+        ax.axvline(0, color="black", linewidth=0.8)
+        ax.set_xlabel(f"{self.method} value (95% interval)")
+        if title:
+            ax.set_title(title)
+        return ax
 
     def to_dict(self) -> dict[str, object]:
         """JSON-serialisable form."""
