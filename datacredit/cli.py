@@ -386,8 +386,8 @@ def evaluate(
     fraction: Annotated[float, typer.Option(min=0.01, max=0.99, help="Counterfactual: remove this top / bottom "
                                                                      "fraction of each ranking.")] = 0.4,
     baselines: Annotated[str, typer.Option(help="Comma-separated: loo, ft-shapley, retrain-shapley, pixel, "
-                                                "embedding ('' for none).")]
-    = "loo,ft-shapley,retrain-shapley,pixel,embedding",
+                                                "embedding, banzhaf, datamodel ('' for none).")]
+    = "loo,ft-shapley,retrain-shapley,pixel,embedding,banzhaf,datamodel",
     interval: Annotated[str, typer.Option(help="95% interval over seeds: normal (the paper's), t or bootstrap.")]
     = "normal",
 ) -> None:

@@ -214,6 +214,24 @@ def pro_rata_scores(contributors: Sequence[Mapping[str, Any]]) -> np.ndarray:
     return np.asarray([float(c.get("images", 0)) for c in contributors], dtype=float)
 
 
+#: Rankers fitted on the run's own stored coalitions: no training of their own.
+BANZHAF_RUN = "Banzhaf (run's coalitions)"
+DATAMODEL_RUN = "datamodel (run's coalitions)"
+
+
+def datamodel_scores(members: Sequence[Sequence[int]], utilities: Sequence[float], n_players: int,
+                     ridge: float = 1e-3) -> np.ndarray:
+    """A linear datamodel (Ilyas et al., 2022) fitted on evaluated coalitions, v(S) ≈ b + Σ_{i∈S} w_i, by least
+    squares with a ridge of ``ridge`` × rows on w (not the intercept); returns w in player order."""
+    x = np.zeros((len(members), n_players))
+    for row, m in enumerate(members):
+        x[row, list(m)] = 1.0
+    design = np.hstack([np.ones((len(x), 1)), x])
+    penalty = ridge * len(x) * np.diag([0.0] + [1.0] * n_players)
+    coef = np.linalg.solve(design.T @ design + penalty, design.T @ np.asarray(utilities, dtype=float))
+    return coef[1:]
+
+
 def lds_by_ranker(rankers: Mapping[str, np.ndarray], tests: Mapping[float, Sequence[Sequence[int]]],
                   observed: Mapping[float, dict[int, Sequence[float]]], method: str = "normal"
                   ) -> dict[str, dict[str, Any]]:

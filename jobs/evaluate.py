@@ -54,8 +54,9 @@ BUDGET_RULE = ("equal counted work: forward passes of training (steps × batch, 
                "full-model forward passes; FT-Shapley and retrain Shapley take the plan's coalitions in order while "
                "their summed work stays within sparsified-FT's (pruned fine-tuning plus all its coalition evaluations)")
 SUPPORTED_FAMILIES = ("ddpm",)
-BASELINES = ("loo", "ft-shapley", "retrain-shapley", "pixel", "embedding")
-LDS_ONLY = (ev.PRO_RATA,)  # rankers without a counterfactual (it would retrain for them alone)
+BASELINES = ("loo", "ft-shapley", "retrain-shapley", "pixel", "embedding", "banzhaf", "datamodel")
+#: rankers without a counterfactual: they train nothing themselves, and it would retrain for them alone
+LDS_ONLY = (ev.PRO_RATA, ev.BANZHAF_RUN, ev.DATAMODEL_RUN)
 
 
 class EvaluationError(ValueError):
@@ -307,6 +308,14 @@ def evaluate(run_uri: str, settings: EvalSettings, *, options: S3Options | None 
         for which in ("pixel", "embedding"):
             if which in settings.baselines:
                 rankers.update(_similarity(gt, n, which))
+        run_rows = _run_rows(store)  # the run's own utilities: these two fit them, no training of their own
+        if "banzhaf" in settings.baselines:
+            rankers[ev.BANZHAF_RUN] = np.asarray(estimate_from_table(run_rows, n, method="banzhaf").values)
+            budgets[ev.BANZHAF_RUN] = {**budgets["sparsified-FT Shapley"]}
+        if "datamodel" in settings.baselines:
+            rankers[ev.DATAMODEL_RUN] = ev.datamodel_scores([r.members for r in run_rows],
+                                                            [r.utility for r in run_rows], n)
+            budgets[ev.DATAMODEL_RUN] = {**budgets["sparsified-FT Shapley"]}
 
         # LDS test coalitions, retrained with every seed
         tests = {a: ev.datamodel_subsets(n, a, settings.subsets, seed=seed0) for a in settings.alphas}

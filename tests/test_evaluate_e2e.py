@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ from datacredit import evaluation as ev
 from datacredit.cli import app
 from datacredit.local import execute
 from datacredit.runstate import open_run, planner_for
+from datacredit.shapley import estimate_from_table
 from datacredit.spec import parse_manifest
 from datacredit.storage import read_json
 from tests.tiny import CONTRIBUTORS, TinyData, tiny_manifest
@@ -29,7 +31,8 @@ def test_evaluate_stores_and_reuses_ground_truth(tiny_data: TinyData, tmp_path: 
     execute(run)
     ref = open_run(run)
     settings = EvalSettings(alphas=(0.5,), subsets=3, seeds=2, fraction=0.25,
-                            baselines=("loo", "ft-shapley", "retrain-shapley", "pixel", "embedding"))
+                            baselines=("loo", "ft-shapley", "retrain-shapley", "pixel", "embedding", "banzhaf",
+                                       "datamodel"))
     seen: list[GroundTruth] = []
     first = evaluate(ref.uri, settings, on_truth=seen.append)
 
@@ -39,6 +42,15 @@ def test_evaluate_stores_and_reuses_ground_truth(tiny_data: TinyData, tmp_path: 
     # pro-rata beside them: 24 images each (bob's corrupt one skipped) rank no subset, so it has no LDS row
     assert first["values"][ev.PRO_RATA] == [24.0] * n and ev.PRO_RATA not in first["lds"]
     assert ev.PRO_RATA not in first["counterfactual"]  # LDS only: no retrains of its own
+    # Banzhaf and the datamodel fit the run's own stored utilities: no training, the run's budget, LDS only
+    rows = [json.loads(line) for line in ref.store.read_bytes("results/utilities.jsonl").decode().splitlines()]
+    assert first["values"][ev.BANZHAF_RUN] == pytest.approx(
+        list(estimate_from_table(rows, n, method="banzhaf").values))
+    assert first["values"][ev.DATAMODEL_RUN] == pytest.approx(
+        list(ev.datamodel_scores([r["members"] for r in rows], [r["utility"] for r in rows], n)))
+    for name in (ev.BANZHAF_RUN, ev.DATAMODEL_RUN):
+        assert name in first["lds"] and name not in first["counterfactual"]
+        assert first["budget"][name]["work"] == first["budget"]["sparsified-FT Shapley"]["work"]
     assert first["budget"]["retrain Shapley"]["coalitions"] >= 1
     # equal compute is counted work (forward passes x model size), the same rule for every ranker
     spent = first["budget"]
@@ -74,7 +86,7 @@ def test_evaluate_stores_and_reuses_ground_truth(tiny_data: TinyData, tmp_path: 
 
     # the CLI prints the tables from the same stored ground truth
     res = CliRunner().invoke(app, ["evaluate", ref.uri, "--alphas", "0.5", "--subsets", "3", "--seeds", "2",
-                                   "--fraction", "0.25"])  # default --baselines: all five
+                                   "--fraction", "0.25"])  # default --baselines: all seven
     assert res.exit_code == 0, res.output
     assert "LDS" in res.output and "retrained now: 0" in res.output
     assert "as many images" in " ".join(res.output.split())  # why the pro-rata row is missing

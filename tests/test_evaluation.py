@@ -154,3 +154,15 @@ def test_lds_by_ranker_shows_pro_rata_next_to_shapley() -> None:
     assert len(out[ev.PRO_RATA]["0.5"]["perSeed"]) == 2
     equal = {**rankers, ev.PRO_RATA: ev.pro_rata_scores([{"images": 7}] * 6)}
     assert ev.PRO_RATA not in ev.lds_by_ranker(equal, tests, observed)  # equal counts rank no subset
+
+
+def test_datamodel_recovers_an_additive_game_and_is_the_least_squares_fit_otherwise() -> None:
+    n = 5
+    members = [tuple(i for i in range(n) if mask >> i & 1) for mask in range(2**n)]
+    weights = np.array([2.0, -1.0, 0.5, 0.0, 3.0])
+    additive = [1.5 + weights[list(m)].sum() for m in members]
+    assert np.allclose(ev.datamodel_scores(members, additive, n, ridge=0.0), weights)
+    assert np.allclose(ev.datamodel_scores(members, additive, n), weights, rtol=0.01)  # the ridge shrinks a little
+    with_pair = [u + 4.0 * (0 in m and 1 in m) for u, m in zip(additive, members, strict=True)]
+    fit = ev.datamodel_scores(members, with_pair, n, ridge=0.0)
+    assert np.allclose(fit[2:], weights[2:]) and np.allclose(fit[:2], weights[:2] + 2.0)  # the pair split evenly
