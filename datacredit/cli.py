@@ -111,6 +111,10 @@ def run(
     workers: Annotated[int | None, typer.Option(help="Coalitions at once (default: spec.execution.parallelism, "
                                                      "at most the CPU count).")] = None,
     storage: Annotated[str | None, typer.Option(help="Override spec.storage.uri (path or s3://).")] = None,
+    mlflow: Annotated[str | None, typer.Option(
+        "--mlflow", metavar="URI", help="Also log the finished run to this MLflow tracking URI (for example "
+                                        "sqlite:///mlflow.db): settings, every coalition's utility, the values "
+                                        "(needs the tracking extra).")] = None,
 ) -> None:
     """Run a valuation on this machine; rerun the same command to resume after a stop or Ctrl-C."""
     from . import layout
@@ -143,6 +147,14 @@ def run(
     for warning in outcome.results.get("warnings", []):
         err.print(f"[yellow]warning:[/] {escape(str(warning))}")
     out.print(f"results: {outcome.run.uri}/results/ (shapley.json, shapley.csv, values.png)")
+    if mlflow:
+        from .tracking import TrackingError, log_run
+
+        try:
+            out.print(f"mlflow: logged as run {log_run(mlflow, vr, outcome.run.store, outcome.results)} in {mlflow}")
+        except TrackingError as e:
+            err.print(f"[red]not logged to MLflow:[/] {escape(str(e))} (the results above are stored)")
+            raise typer.Exit(EXIT_FAILED) from None
     paid = outcome.results.get("payout")
     if paid and "document" in paid:
         _print_payout(paid["document"], outcome.run.uri, paid["written"])
