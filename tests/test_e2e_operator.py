@@ -246,7 +246,9 @@ def test_run_succeeds_with_local_values_columns_and_cleanup(
     api: client.ApiClient, operator: Operator, s3_server: S3Server, tiny_data: TinyData, tmp_path: Path,
 ) -> None:
     doc = _manifest(tiny_data, s3_server, "tiny-kernel", estimator="kernel", budget=8)
-    doc["spec"]["payout"] = {"pool": "1000.00", "currency": "EUR", "period": "2025-06"}  # paid when it succeeds
+    # paid when it succeeds; pro-rata (by image count) pays whatever the signs of this tiny run's values, which
+    # can all be <= 0 (the rules on values are tested in test_payout.py and test_status_payout.py)
+    doc["spec"]["payout"] = {"pool": "1000.00", "currency": "EUR", "period": "2025-06", "rule": "pro-rata"}
     started = time.monotonic()
     _create(api, doc)
     run = _wait_phase(api, "tiny-kernel", ("Succeeded", "Failed"), operator)
@@ -272,7 +274,7 @@ def test_run_succeeds_with_local_values_columns_and_cleanup(
         assert by_status[name] == pytest.approx(value, abs=1e-7)
 
     # spec.payout: written next to the results by the operator, summarised in the status
-    assert status["payout"]["total"] == "1000.00" and status["payout"]["currency"] == "EUR", status["payout"]
+    assert status["payout"].get("total") == "1000.00" and status["payout"]["currency"] == "EUR", status["payout"]
     assert status["payout"]["period"] == "2025-06" and conds["PaidOut"]["status"] == "True", conds
     assert store.exists("payouts/2025-06.json") and store.exists("payouts/2025-06.csv")
     paid = read_json(store, "payouts/2025-06.json")
