@@ -69,7 +69,8 @@ def log_run(tracking_uri: str, run: ValuationRun, store: Storage, results: Mappi
         mlrun = client.create_run(experiment_id, tags=tags)
         rid, now = mlrun.info.run_id, int(time.time() * 1000)
         params = [Param(k, v[:6000]) for k, v in flat_params(run.to_manifest()["spec"], "spec.")]
-        rows = [json.loads(line) for line in store.read_bytes(layout.UTILITIES).decode().splitlines() if line]
+        table = store.read_bytes(layout.UTILITIES).decode()  # read once: metrics and the artifact
+        rows = [json.loads(line) for line in table.splitlines() if line]
         metrics = [Metric("utility", float(r["utility"]), now, step) for step, r in enumerate(rows)]
         metrics += [Metric("coalition_size", float(len(r["members"])), now, step) for step, r in enumerate(rows)]
         for c in results["contributors"]:
@@ -85,7 +86,7 @@ def log_run(tracking_uri: str, run: ValuationRun, store: Storage, results: Mappi
         for lo in range(0, len(metrics), BATCH):
             client.log_batch(rid, metrics=metrics[lo:lo + BATCH])
         client.log_dict(rid, dict(results), "results/shapley.json")
-        client.log_text(rid, store.read_bytes(layout.UTILITIES).decode(), "results/utilities.jsonl")
+        client.log_text(rid, table, "results/utilities.jsonl")
         client.set_terminated(rid)
     except TrackingError:
         raise
