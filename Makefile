@@ -40,7 +40,7 @@ test: install binaries ## every test tier: unit, workload, storage (MinIO), cont
 	$(VENV)/bin/pytest -ra -p no:cacheprovider tests
 
 test-fast: install ## unit tests only (no torch workloads, no servers)
-	$(VENV)/bin/pytest -ra -p no:cacheprovider -m "not workload and not s3 and not controlplane and not chart and not observability and not images" tests
+	$(VENV)/bin/pytest -ra -p no:cacheprovider -m "not workload and not s3 and not controlplane and not chart and not observability and not images and not browser" tests
 
 lint: install ## ruff, and the layering contract (the core loads no torch/kopf; the operator no GPU code)
 	$(VENV)/bin/ruff check datacredit jobs operator tests benchmarks dashboards hack

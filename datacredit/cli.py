@@ -146,7 +146,7 @@ def run(
     out.print(results_table(outcome.results))
     for warning in outcome.results.get("warnings", []):
         err.print(f"[yellow]warning:[/] {escape(str(warning))}")
-    out.print(f"results: {outcome.run.uri}/results/ (shapley.json, shapley.csv, values.png)")
+    out.print(f"results: {outcome.run.uri}/results/ (report.html, shapley.json, shapley.csv, values.png)")
     if mlflow:
         from .tracking import TrackingError, log_run
 
@@ -172,6 +172,7 @@ def report(
     read (for s3://: no credentials, wrong ones, or unreachable).
     """
     from . import layout
+    from .report_html import REPORT
     from .results import load_results, results_table
     from .runstate import open_run
     from .storage import StorageError, StorageUnavailable, open_storage
@@ -206,6 +207,8 @@ def report(
                       "for MinIO and other S3-compatible stores also set AWS_ENDPOINT_URL_S3")
         raise typer.Exit(EXIT_STORAGE) from None
     out.print(results_table(doc))
+    if store.exists(REPORT):
+        out.print(f"report: {store.uri}/{REPORT} (one self-contained page: open it in a browser)")
 
 
 def _bad(message: str) -> typer.Exit:

@@ -12,6 +12,7 @@ from . import layout
 from .calibration import fidelity_of
 from .payout_run import pay_after_finish
 from .planner import Planner
+from .report_html import save_report
 from .results import build_results, save_results
 from .spec import ValuationRun
 from .storage import Storage
@@ -23,8 +24,8 @@ SUM_MEANS = ("the values sum to v(full) - v(∅): what the contributors' data ad
 
 def finish_run(store: Storage, run: ValuationRun, planner: Planner, contributors: list[dict[str, Any]],
                rows: list[dict[str, Any]], wall_seconds: float) -> dict[str, Any]:
-    """Write results/shapley.json, .csv, values.png and utilities.jsonl from the planner's final estimate, then
-    the payout of ``spec.payout`` (payouts/<period>.*), if any.
+    """Write results/shapley.json, .csv, values.png, utilities.jsonl and report.html from the planner's final
+    estimate, then the payout of ``spec.payout`` (payouts/<period>.*), if any.
 
     ``rows`` are the evaluated coalitions in plan order, ``{"members", "utility"[, "replicates"]}``. Returns the
     results document; with spec.payout it also holds ``payout``, :func:`~datacredit.payout_run.pay_after_finish`'s
@@ -62,6 +63,7 @@ def finish_run(store: Storage, run: ValuationRun, planner: Planner, contributors
             row["seedStderr"] = by_name[row["name"]]
     save_results(store, doc)
     store.write_bytes(layout.UTILITIES, "".join(json.dumps(r) + "\n" for r in rows).encode())
+    save_report(store, doc, rows, run.to_manifest())
     payout = pay_after_finish(store, run)
     if payout is not None:
         doc["payout"] = payout

@@ -48,7 +48,8 @@ def test_local_run_exact_resume_and_determinism(tiny_data: TinyData, tmp_path: P
 
     skipped = read_json(store, layout.MANIFEST)["skipped"]
     assert [s["path"] for s in skipped] == [tiny_data.corrupt]
-    assert {"shapley.json", "shapley.csv", "values.png"} <= {k.split("/")[-1] for k in store.list("results")}
+    written = {k.split("/")[-1] for k in store.list("results")}
+    assert {"shapley.json", "shapley.csv", "values.png", "report.html"} <= written
 
     # a rerun evaluates nothing again and gives the same values
     stamps = {k: (store.root / k).stat().st_mtime_ns for k in store.list("coalitions") if k.endswith("result.json")}
