@@ -168,14 +168,15 @@ def report(
 ) -> None:
     """Print the Shapley table of a finished run again.
 
-    Exit 3 when there is no run at the path, 1 when the run has no results yet, 4 when its storage cannot be
-    read (for s3://: no credentials, wrong ones, or unreachable).
+    A manifest finds its run whichever executor made it: this machine's folder, or the operator's run of the
+    same name and settings in the manifest's storage. Exit 3 when there is no run at the path, 1 when the run
+    has no results yet, 4 when its storage cannot be read (for s3://: no credentials, wrong ones, or unreachable).
     """
     from . import layout
+    from .catalog import AmbiguousRun, open_target
     from .report_html import REPORT
     from .results import load_results, results_table
-    from .runstate import open_run
-    from .storage import StorageError, StorageUnavailable, open_storage
+    from .storage import StorageError, StorageUnavailable
 
     local = "://" not in target or target.startswith("file://")
     if local and not Path(target.removeprefix("file://")).exists():
@@ -183,7 +184,7 @@ def report(
                   "`datacredit run` printed (`results: <run>/results/`) or the manifest that made it")
         raise typer.Exit(EXIT_BAD_INPUT)
     try:
-        store = open_run(_load(Path(target))).store if local and Path(target).is_file() else open_storage(target)
+        store = open_target(target)
         if not store.exists(layout.RUN) and not store.exists(f"{layout.RESULTS}/shapley.json"):
             hint = ""
             parent = Path(target).parent
@@ -197,6 +198,12 @@ def report(
         err.print(f"[red]no results yet[/] in {escape(str(store.uri))}: the run has not finished "
                   "(`datacredit run` on its manifest resumes it)")
         raise typer.Exit(EXIT_FAILED) from None
+    except SpecError as e:
+        err.print(f"[red]invalid manifest[/] {escape(str(e))}")
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+    except AmbiguousRun as e:
+        err.print(f"[red]which run?[/] {escape(str(e))}")
+        raise typer.Exit(EXIT_BAD_INPUT) from None
     except StorageUnavailable as e:
         err.print(f"[red]storage unavailable:[/] {escape(str(e))}")
         raise typer.Exit(EXIT_STORAGE) from None
@@ -250,10 +257,10 @@ def payout(
     """
     import dataclasses
 
+    from .catalog import AmbiguousRun, open_target
     from .payout import PayoutError
     from .payout_run import PayoutExists, PayoutParams, check_params, make_payout
-    from .runstate import open_run
-    from .storage import StorageError, open_storage
+    from .storage import StorageError
 
     params = PayoutParams(pool=pool, currency=currency, rule=rule, alpha=alpha, floor=floor, period=period,
                           carry=carry, overwrite=overwrite)
@@ -264,8 +271,8 @@ def payout(
     if "://" not in target and not Path(target).exists():
         raise _bad(f"no such manifest or run folder: {target}")
     try:
-        store = open_run(_load(Path(target))).store if Path(target).is_file() else open_storage(target)
-    except StorageError as e:
+        store = open_target(target)
+    except (SpecError, AmbiguousRun, StorageError) as e:
         raise _bad(str(e)) from None
     try:
         record = make_payout(store, params)
@@ -378,10 +385,11 @@ def demo(
     data_only: Annotated[bool, typer.Option("--data-only/--no-data-only", help="Only write the data set and "
                                                                                 "manifest.")] = False,
 ) -> None:
-    """Value 10 contributors of handwritten digits (3 planted bad) for image quality, on CPU.
+    """Value 6 contributors of handwritten digits (3 planted bad) for image quality, exactly, on CPU.
 
-    Seven contributors hold real digits; `noise` holds uniform noise, `blank` near-blank images and
-    `duplicate` one digit copied many times. They should rank last.
+    Three contributors hold real digits; `noise` holds uniform noise, `blank` near-blank images and
+    `duplicate` one digit copied many times. They should rank last. About 5 minutes on 2 cores; `--quick`
+    values 4 contributors at toy size in about a minute.
     """
     from .demo import build_demo
 
@@ -593,6 +601,9 @@ def crd() -> None:
     from .crd import crd_yaml
 
     sys.stdout.write(crd_yaml())
+
+
+from . import cli_runs  # noqa: E402,F401  (registers `runs` and `compare` on the app)
 
 
 def main() -> None:

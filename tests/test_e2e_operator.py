@@ -281,13 +281,20 @@ def test_run_succeeds_with_local_values_columns_and_cleanup(
     assert paid["pool"] == "1000.00" and paid["paidMinor"] + paid["escrowMinor"] == 100_000
     assert {e["name"] for e in paid["contributors"]} == set(CONTRIBUTORS)
 
-    # the same manifest, run by the local executor (`datacredit run`, one torch thread per process as in the
-    # pods, so the floating-point work is the same), gives the same values
+    # `datacredit report` on the manifest finds the operator's run (its folder is named by the uid, not by the
+    # config hash as a local run's is), and the operator wrote the HTML report too
     manifest = tmp_path / "tiny-kernel.yaml"
     manifest.write_text(yaml.safe_dump(doc))
     env = {**os.environ, **s3_server.env(), "OMP_NUM_THREADS": "1", "DATACREDIT_THREADS": "1"}
+    exe = str(Path(sys.executable).parent / "datacredit")
+    shown = subprocess.run([exe, "report", str(manifest)], env=env, capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0, shown.stderr
+    assert f"report: {store.uri}/results/report.html" in shown.stdout and store.exists("results/report.html")
+
+    # the same manifest, run by the local executor (`datacredit run`, one torch thread per process as in the
+    # pods, so the floating-point work is the same), gives the same values
     local_started = time.monotonic()
-    subprocess.run([str(Path(sys.executable).parent / "datacredit"), "run", str(manifest), "--workers", "2"],
+    subprocess.run([exe, "run", str(manifest), "--workers", "2"],
                    env=env, check=True, timeout=RUN_TIMEOUT_S, stdout=subprocess.DEVNULL)
     print(f"[e2e] local executor (datacredit run), same manifest: {time.monotonic() - local_started:.1f}s")
     local_run = parse_manifest(doc)
@@ -297,6 +304,18 @@ def test_run_succeeds_with_local_values_columns_and_cleanup(
     np.testing.assert_allclose([_values(shapley)[n] for n in names], [_values(local)[n] for n in names],
                                rtol=1e-6, atol=1e-9)
     assert read_json(local_store, "payouts/2025-06.json")["pool"] == "1000.00"  # the local executor pays too
+
+    # `datacredit runs` lists both runs of the manifest in its storage; `compare` finds their values equal
+    def cli_json(*args: str) -> object:
+        done = subprocess.run([exe, *args, "--json"], env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)
+
+    listed = [e for e in cli_json("runs", str(manifest)) if (e["namespace"], e["name"]) == (NS, "tiny-kernel")]
+    assert sorted(e["uri"] for e in listed) == sorted([store.uri, local_store.uri])
+    assert all(e["finished"] and e["evaluations"] == 8 for e in listed)
+    same = cli_json("compare", store.uri, local_store.uri)
+    assert same["common"] == len(CONTRIBUTORS) and all(abs(r["delta"]) < 1e-6 for r in same["contributors"])
 
     # (6) printer columns, as `kubectl get valuationruns` shows them (the API's Table form)
     response = api.call_api(f"/apis/{GROUP}/{VERSION}/namespaces/{NS}/{PLURAL}", "GET",
