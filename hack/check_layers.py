@@ -1,5 +1,8 @@
 """The layering contract, checked by `make lint`: the core stays light and the control plane stays off the GPU.
 
+This is the import-time half (what a module loads, so a lazy import inside a function is fine for the core); the
+static half, every import statement wherever it is, is import-linter's (pyproject.toml, hack/lint_imports.py).
+
 1. Importing any core module (`datacredit.*`, not `cli`, `local`, `demo`) loads neither torch, kopf, kubernetes,
    `datacredit.jobs` nor `datacredit.operator` (each module is imported in a fresh interpreter).
 2. No module of `operator/` imports `datacredit.jobs` or torch, not even inside a function (read from the source).
