@@ -44,6 +44,7 @@ test-fast: install ## unit tests only (no torch workloads, no servers)
 
 lint: install ## ruff, and the layering contract (the core loads no torch/kopf; the operator no GPU code)
 	$(VENV)/bin/ruff check datacredit jobs operator tests benchmarks dashboards hack
+	$(PY) hack/lint_imports.py
 	$(PY) hack/check_layers.py
 
 crds: install ## regenerate crds/ from the spec model (and the chart's copy)

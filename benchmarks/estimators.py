@@ -19,7 +19,7 @@ values come from 20,000 antithetic permutation pairs; their Monte Carlo error (r
 
 Noise: each evaluation adds N(0, (2% of the utility range)^2) (``--noise``); the target stays the noise-free value.
 
-Baseline (paper.md §4): sizes from the Shapley kernel, coalitions uniform within a size, with
+Baseline (the paper's KernelSHAP): sizes from the Shapley kernel, coalitions uniform within a size, with
 replacement, no pairing, closed-form constrained regression with a pseudo-inverse (Covert & Lee
 eq. 7), ∅ and the full set as exact constraints. Both spend the same budget (anchors included).
 

@@ -1,4 +1,4 @@
-"""Where everything of a run lives in storage (DESIGN §5)."""
+"""Where everything of a run lives in storage: the keys both executors and the workers read and write."""
 
 from __future__ import annotations
 

@@ -36,7 +36,7 @@ ACTIVE_STATES = (JobState.QUEUED, JobState.RUNNING)
 
 
 class AttemptFailure(StrEnum):
-    """Why an attempt failed (``failed.json`` markers, the attempts metric's ``result`` label)."""
+    """Why an attempt failed (``failed.json`` markers, the attempts metric's ``reason`` label)."""
 
     BAD_INPUT = "BadInput"  # the worker exited with ExitCode.BAD_INPUT
     DEADLINE = "DeadlineExceeded"  # execution.activeDeadlineSeconds

@@ -1,4 +1,4 @@
-"""Job naming and rendering (DESIGN §6): pure functions from a ValuationRun to batch/v1 Job manifests."""
+"""Job naming and rendering: pure functions from a ValuationRun to batch/v1 Job manifests."""
 
 from __future__ import annotations
 

@@ -11,12 +11,13 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, start_http_server
 
 from datacredit import __version__
-from datacredit.vocabulary import JobState, Phase
+from datacredit.vocabulary import AttemptFailure, JobState, Phase
 
 REGISTRY = CollectorRegistry()
 ProcessCollector(registry=REGISTRY)  # process_resident_memory_bytes, process_cpu_seconds_total
 COALITION_PHASES = ("Planned", *(str(s) for s in JobState))
 RUN_PHASES = tuple(str(p) for p in Phase)
+ATTEMPT_REASONS = ("Started", "Retried", *(str(f) for f in AttemptFailure))  # the attempts counter's `reason`
 STAGES = ("finetune", "sample", "property", "total")
 _SECONDS = (1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400, 28800)
 
@@ -33,8 +34,7 @@ TOP_VALUE = Gauge("datacredit_run_top_value", "Shapley value of the top contribu
 MAX_STDERR = Gauge("datacredit_run_max_stderr", "Largest standard error of the current estimate.",
                    ["namespace", "name"], registry=REGISTRY)
 ATTEMPTS = Counter("datacredit_coalition_attempts", "Worker Job attempts started and failed, by reason "
-                   "(Started|Retried|PodFailed|DeadlineExceeded|BadInput|NoResult|JobLost|JobRejected).",
-                   ["namespace", "reason"], registry=REGISTRY)
+                   f"({'|'.join(ATTEMPT_REASONS)}).", ["namespace", "reason"], registry=REGISTRY)
 COMPLETED = Counter("datacredit_coalitions_completed", "Coalitions finished, by result (succeeded|failed).",
                     ["namespace", "result"], registry=REGISTRY)
 DURATION = Histogram("datacredit_coalition_duration_seconds", "Seconds per coalition stage, from result.json.",
@@ -124,8 +124,7 @@ def _remove(metric: Any, *labels: str) -> None:
 
 
 def attempt(namespace: str, reason: str) -> None:
-    """Count a Job attempt event (Started, Retried, PodFailed, DeadlineExceeded, BadInput, NoResult, JobLost,
-    JobRejected)."""
+    """Count a Job attempt event; `reason` is one of :data:`ATTEMPT_REASONS`."""
     ATTEMPTS.labels(namespace, reason).inc()
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from prometheus_client import generate_latest
 
 from datacredit.operator import metrics
@@ -57,3 +59,10 @@ def test_names_and_run_series() -> None:
     text = _text()
     assert 'name="r1"' not in text
     assert 'datacredit_runs{namespace="ns1",phase="Evaluating"} 0.0' in text
+
+
+def test_docs_name_every_attempt_reason() -> None:
+    """docs/operator.md lists every reason the attempts counter can carry (each failure of the vocabulary)."""
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "operator.md").read_text()
+    listed = docs.split("`datacredit_coalition_attempts_total{namespace,reason}` (", 1)[1].split(")", 1)[0]
+    assert sorted(r.strip() for r in listed.replace("\n", " ").split(",")) == sorted(metrics.ATTEMPT_REASONS)

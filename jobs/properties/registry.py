@@ -43,6 +43,11 @@ def register_property(name: str, factory: PropertyFactory, *, replace: bool = Fa
     _REGISTRY[name] = factory
 
 
+def unregister_property(name: str) -> None:
+    """Remove a property added with :func:`register_property` (a plugin unloaded, a test cleaned up)."""
+    _REGISTRY.pop(name, None)
+
+
 def get_property(name: str, **options: Any) -> Property:
     """A fresh property instance by name; ``options`` go to its factory."""
     try:
