@@ -14,7 +14,7 @@ from typing import Any
 
 from .layout import S3_URI_PATTERN
 from .run_status import RunStatus
-from .spec import API_VERSION, DNS1123, KIND, ValuationRunSpec
+from .spec import API_VERSION, DEFAULT_FAMILY, DNS1123, FAMILY_MODELS, KIND, ValuationRunSpec
 
 GROUP, VERSION = API_VERSION.split("/")
 PLURAL, SINGULAR = "valuationruns", "valuationrun"
@@ -39,22 +39,10 @@ SPEC_RULES: dict[str, list[dict[str, str]]] = {
             "fieldPath": ".manifest",
         }
     ],
-    "model": [
-        {
-            "rule": "self.family != 'ldm' || (has(self.autoencoder) && size(self.autoencoder) > 0)",
-            "message": "family 'ldm' needs model.autoencoder: a diffusers VQModel folder (path or s3:// URI)",
-            "fieldPath": ".autoencoder",
-        },
-        {
-            "rule": "self.family != 'sd-lora' || (has(self.checkpoint) && size(self.checkpoint) > 0)",
-            "message": "family 'sd-lora' needs model.checkpoint: a Stable Diffusion pipeline folder",
-            "fieldPath": ".checkpoint",
-        },
-    ],
     "model.architecture": [
         {
-            "rule": "self.blockOutChannels.all(w, w % 8 == 0)",
-            "message": "every width must be a multiple of 8 (GroupNorm uses 8 groups)",
+            "rule": "self.blockOutChannels.all(w, w % self.normNumGroups == 0)",
+            "message": "every width in blockOutChannels must be a multiple of normNumGroups (GroupNorm groups)",
             "fieldPath": ".blockOutChannels",
         }
     ],
@@ -184,10 +172,44 @@ def _at(schema: dict[str, Any], dotted: str) -> dict[str, Any]:
     return node
 
 
+def model_schema(defs: dict[str, Any]) -> dict[str, Any]:
+    """`spec.model`: the families' sections (:data:`~datacredit.spec.FAMILY_MODELS`) merged into one object, as a
+    structural schema has no oneOf. CEL rules then do what the tagged union does in Python: a field of another
+    family is refused and each family's required fields are required. Only fields every family has keep their
+    defaults (the API server would otherwise add another family's fields to every object)."""
+    variants = {name: _convert({"$ref": f"#/$defs/{cls.__name__}"}, defs) for name, cls in FAMILY_MODELS.items()}
+    props: dict[str, Any] = {}
+    owners: dict[str, list[str]] = {}
+    for name, variant in variants.items():
+        for key, child in variant["properties"].items():
+            owners.setdefault(key, []).append(name)
+            props.setdefault(key, child)
+    props["family"] = {**props["family"], "enum": list(FAMILY_MODELS), "default": DEFAULT_FAMILY}
+    rules = []
+    for key, families in owners.items():
+        if len(families) < len(variants):
+            props[key].pop("default", None)
+            rules.append({"rule": f"!has(self.{key}) || self.family in {families!r}",
+                          "message": f"model.{key} is a field of family {' and '.join(families)} only",
+                          "fieldPath": f".{key}"})
+    for name, variant in variants.items():
+        for key in (k for k in variant.get("required", []) if k != "family"):
+            field = variant["properties"][key]
+            size = f" && size(self.{key}) > 0" if field.get("minLength") else ""
+            what = field.get("description", "").removeprefix(f"{name}: ").rstrip(".")
+            rules.append({"rule": f"self.family != '{name}' || (has(self.{key}){size})",
+                          "message": f"family '{name}' needs model.{key}: {what}", "fieldPath": f".{key}"})
+    return {"type": "object", "default": {"family": DEFAULT_FAMILY}, "properties": props,
+            "x-kubernetes-validations": rules}
+
+
 def spec_schema() -> dict[str, Any]:
     """The OpenAPI v3.0 schema of `.spec`, with the CEL rules attached."""
     raw = ValuationRunSpec.model_json_schema(by_alias=True, mode="validation")
+    model = raw["properties"].pop("model")
     schema = _convert(raw, raw.get("$defs", {}))
+    schema["properties"] = {"model": {**model_schema(raw.get("$defs", {})), "description": model["description"]},
+                            **schema["properties"]}
     schema["description"] = "What to value, with which method, where (see `datacredit crd` and docs/operator.md)."
     storage = _at(schema, "storage")
     storage["required"] = STORAGE_REQUIRED

@@ -23,9 +23,7 @@ def _local_paths(run: ValuationRun) -> list[tuple[str, str | None]]:
         ("spec.property.reference", s.property.reference),
         ("spec.property.weights", s.property.weights),
         ("spec.property.head", s.property.head),
-        ("spec.model.checkpoint", s.model.checkpoint),
-        ("spec.model.autoencoder", s.model.autoencoder),
-        ("spec.model.lora.checkpoint", s.model.lora.checkpoint),
+        *s.model.uris(),
     ]
 
 

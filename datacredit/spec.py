@@ -6,14 +6,16 @@ import datetime as dt
 import hashlib
 import json
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import (
     BaseModel,
     BeforeValidator,
     ConfigDict,
+    Discriminator,
     Field,
+    Tag,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -98,36 +100,89 @@ class LoraSpec(_Model):
     ] = None
 
 
-class ModelSpec(_Model):
-    """The trained model to credit (or how to train it)."""
+class _FamilyModel(_Model):
+    """What every model family's section has; each family's own fields and checks live in its subclass."""
 
-    family: Annotated[
-        Literal["ddpm", "ldm", "sd-lora"],
-        Field(description="ddpm: pixel UNet; ldm: UNet on VQ-VAE latents; sd-lora: Stable Diffusion plus a LoRA."),
-    ] = "ddpm"
     checkpoint: Annotated[
         str | None,
         Field(description="ddpm/ldm: diffusers UNet folder, empty to train from scratch; sd-lora: the Stable "
                           "Diffusion pipeline folder (required). Path or s3:// URI."),
     ] = None
+    train: TrainSpec = TrainSpec()
+
+    def uris(self) -> list[tuple[str, str | None]]:
+        """(field, URI) of every model file prepare reads; `validate` checks that they exist."""
+        return [("spec.model.checkpoint", self.checkpoint)]
+
+    def default_caption(self) -> str:
+        """The caption of an image without one (only text-conditional families use captions)."""
+        return ""
+
+    def hash_view(self) -> dict[str, Any]:
+        """The section as the config hash sees it: the fields of the flat model section that came before the
+        families had their own, at their defaults where this family has none, so older runs keep their folders."""
+        legacy = {"autoencoder": None, "lora": LoraSpec().model_dump(mode="json"), "prompt": "",
+                  "architecture": Architecture().model_dump(mode="json")}
+        return {**legacy, **self.model_dump(mode="json")}
+
+
+class DdpmModel(_FamilyModel):
+    """ddpm: a pixel-space UNet (diffusers UNet2DModel), loaded from a checkpoint or trained from scratch."""
+
+    family: Annotated[Literal["ddpm"], Field(description="ddpm: pixel UNet; ldm: UNet on VQ-VAE latents; "
+                                                         "sd-lora: Stable Diffusion plus a LoRA.")] = "ddpm"
+    architecture: Architecture = Architecture()
+
+
+class LdmModel(_FamilyModel):
+    """ldm: a UNet on the latents of a VQ-VAE (diffusers VQModel); the autoencoder is kept frozen."""
+
+    family: Literal["ldm"]
     autoencoder: Annotated[
-        str | None, Field(description="ldm: the VQ-VAE (diffusers VQModel folder, path or s3:// URI).")
-    ] = None
+        str, Field(min_length=1, description="ldm: the VQ-VAE (diffusers VQModel folder, path or s3:// URI).")
+    ]
+    architecture: Architecture = Architecture()
+
+    def uris(self) -> list[tuple[str, str | None]]:
+        return [*super().uris(), ("spec.model.autoencoder", self.autoencoder)]
+
+
+class SdLoraModel(_FamilyModel):
+    """sd-lora: a Stable Diffusion pipeline, frozen, plus a LoRA adapter trained on the contributors' data."""
+
+    family: Literal["sd-lora"]
+    checkpoint: Annotated[
+        str, Field(min_length=1, description="sd-lora: the Stable Diffusion pipeline folder (path or s3:// URI).")
+    ]
     lora: LoraSpec = LoraSpec()
     prompt: Annotated[
         str, Field(max_length=1000, description="sd-lora: caption of images without one, and the sampling prompt.")
     ] = ""
-    architecture: Architecture = Architecture()
-    train: TrainSpec = TrainSpec()
 
-    @model_validator(mode="after")
-    def _family_needs(self) -> ModelSpec:
-        if self.family == "ldm" and not self.autoencoder:
-            raise ValueError("family 'ldm' needs model.autoencoder: a diffusers VQModel folder (path or s3:// URI)")
-        if self.family == "sd-lora" and not self.checkpoint:
-            raise ValueError("family 'sd-lora' needs model.checkpoint: a Stable Diffusion pipeline folder "
-                             "(path or s3:// URI)")
-        return self
+    def uris(self) -> list[tuple[str, str | None]]:
+        return [*super().uris(), ("spec.model.lora.checkpoint", self.lora.checkpoint)]
+
+    def default_caption(self) -> str:
+        return self.prompt
+
+
+#: The model families' spec sections by ``model.family``: a new family adds its subclass here.
+FAMILY_MODELS: dict[str, type[_FamilyModel]] = {"ddpm": DdpmModel, "ldm": LdmModel, "sd-lora": SdLoraModel}
+DEFAULT_FAMILY = "ddpm"
+
+
+def _family_of(value: Any) -> str:
+    """The tag of a model section: its ``family`` (ddpm when left out)."""
+    family = value.get("family", DEFAULT_FAMILY) if isinstance(value, dict) else getattr(value, "family", None)
+    return str(family or DEFAULT_FAMILY)
+
+
+ModelSpec = Annotated[
+    Union[tuple(Annotated[cls, Tag(name)] for name, cls in FAMILY_MODELS.items())],  # noqa: UP007 (built at run time)
+    Discriminator(_family_of, custom_error_type="family",
+                  custom_error_message=f"unknown model family; known: {', '.join(FAMILY_MODELS)}"),
+    Field(description="The trained model to credit (or how to train it); its fields depend on `family`."),
+]
 
 
 class ContributorsSpec(_Model):
@@ -427,7 +482,7 @@ class PayoutSpec(_Model):
 class ValuationRunSpec(_Model):
     """What to value, with which method, where."""
 
-    model: ModelSpec = ModelSpec()
+    model: ModelSpec = DdpmModel()
     dataset: DatasetSpec
     property: PropertySpec = PropertySpec()
     method: MethodSpec = MethodSpec()
@@ -466,7 +521,8 @@ class ValuationRun(BaseModel):
         """Hash of everything that changes utilities (not execution, storage or payout): names the run and
         coalitions."""
         s = self.spec
-        keyed = {k: getattr(s, k).model_dump(mode="json") for k in ("model", "dataset", "property", "method")}
+        keyed = {k: getattr(s, k).model_dump(mode="json") for k in ("dataset", "property", "method")}
+        keyed["model"] = s.model.hash_view()
         keyed["seed"] = s.seed
         return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()
 
@@ -492,6 +548,31 @@ def _loc(loc: tuple[Any, ...]) -> str:
     return out or "(root)"
 
 
+def _untagged(loc: tuple[Any, ...]) -> tuple[Any, ...]:
+    """The field path without the family tag pydantic puts after `model` (spec.model.ldm.autoencoder)."""
+    return tuple(p for i, p in enumerate(loc) if not (i and loc[i - 1] == "model" and p in FAMILY_MODELS))
+
+
+def _problem(err: Any) -> tuple[str, str]:
+    """(field path, reason) of one pydantic error."""
+    loc, msg = _untagged(err["loc"]), err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        msg = _unknown_field(err["loc"])
+    elif err["type"] == "family":  # the tag did not match: name the field that holds it
+        loc, msg = (*loc, "family"), f"{err['input'].get('family')!r}: {msg}" if isinstance(err["input"], dict) else msg
+    return _loc(loc), msg
+
+
+def _unknown_field(loc: tuple[Any, ...]) -> str:
+    """Why a key is refused: a typo, or a field of another model family than the one named."""
+    if len(loc) >= 2 and loc[-2] in FAMILY_MODELS:
+        owners = [name for name, cls in FAMILY_MODELS.items()
+                  if any(loc[-1] in (f, info.alias) for f, info in cls.model_fields.items())]
+        if owners:
+            return f"not a field of model family {loc[-2]!r} (it belongs to {', '.join(owners)})"
+    return "unknown field (check the spelling; keys are camelCase)"
+
+
 def parse_manifest(data: Any, source: str = "manifest") -> ValuationRun:
     """Validate a manifest dict; raise SpecError naming every invalid field."""
     if not isinstance(data, dict):
@@ -499,13 +580,7 @@ def parse_manifest(data: Any, source: str = "manifest") -> ValuationRun:
     try:
         return ValuationRun.model_validate(data)
     except ValidationError as e:
-        problems = []
-        for err in e.errors():
-            msg = err["msg"].removeprefix("Value error, ")
-            if err["type"] == "extra_forbidden":
-                msg = "unknown field (check the spelling; keys are camelCase)"
-            problems.append((_loc(err["loc"]), msg))
-        raise SpecError(source, problems) from None
+        raise SpecError(source, [_problem(err) for err in e.errors()]) from None
 
 
 MAX_MANIFEST_BYTES = 1 << 20  # the API server's own limit on an object is about 1.5 MB

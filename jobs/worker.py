@@ -124,12 +124,14 @@ def _assets(options: S3Options) -> Assets:
 def _load_dataset(run: ValuationRun, options: S3Options, size: int
                   ) -> tuple[np.ndarray, np.ndarray, list[str], dict[str, Any]]:
     """Decode every image once at ``size``; skip and report corrupt ones; error on contributors left empty.
-    Captions come from sidecar .txt files (``dataset.captions: sidecar``), else ``model.prompt``."""
+    Captions come from sidecar .txt files (``dataset.captions: sidecar``), else the family's default
+    caption (sd-lora: ``model.prompt``)."""
     spec = run.spec.dataset
     source = open_storage(spec.images, options)
     found = discover(spec, options, source)
     channels = spec.channels
     sidecars = found.texts if spec.captions == "sidecar" else frozenset()
+    default_caption = run.spec.model.default_caption()
     images: list[np.ndarray] = []
     captions: list[str] = []
     owner: list[int] = []
@@ -145,7 +147,7 @@ def _load_dataset(run: ValuationRun, options: S3Options, size: int
             images.append(image)
             owner.append(idx)
             txt = key.rsplit(".", 1)[0] + ".txt"
-            captions.append(source.read_bytes(txt).decode().strip() if txt in sidecars else run.spec.model.prompt)
+            captions.append(source.read_bytes(txt).decode().strip() if txt in sidecars else default_caption)
             kept += 1
         contributors.append({"name": name, "id": contributor_id(name), "images": kept})
     empty = [c["name"] for c in contributors if c["images"] == 0]

@@ -672,6 +672,8 @@ INVALID = [
     ("spec.model", {"family": "ldm"}, "spec.model.autoencoder"),
     ("spec.model", {"family": "sd-lora"}, "spec.model.checkpoint"),
     ("spec.model", {"lora": {"rank": 0}}, "spec.model.lora.rank"),
+    ("spec.model", {"lora": {"rank": 4}}, "spec.model.lora"),  # another family's field (sd-lora's)
+    ("spec.model", {"family": "ddpm", "autoencoder": "s3://b/vq"}, "spec.model.autoencoder"),
     ("spec.property", {"quantile": 1.5}, "spec.property.quantile"),
     ("spec.model", {"architecture": {"blockOutChannels": []}}, "spec.model.architecture.blockOutChannels"),
     ("spec.model", {"architecture": {"blockOutChannels": [12]}}, "spec.model.architecture.blockOutChannels"),

@@ -42,9 +42,10 @@ BAD = [
     ("spec.dataset.contributors", {"by": "manifest"}, "spec.dataset.contributors"),
     ("spec.dataset.contributors", {"by": "artist"}, "spec.dataset.contributors.by"),
     ("spec.model", {"family": "gan"}, "spec.model.family"),
-    ("spec.model", {"family": "ldm"}, "spec.model"),
-    ("spec.model", {"family": "sd-lora"}, "spec.model"),
-    ("spec.model", {"lora": {"rank": 0}}, "spec.model.lora.rank"),
+    ("spec.model", {"family": "ldm"}, "spec.model.autoencoder"),
+    ("spec.model", {"family": "sd-lora"}, "spec.model.checkpoint"),
+    ("spec.model", {"family": "sd-lora", "checkpoint": "sd", "lora": {"rank": 0}}, "spec.model.lora.rank"),
+    ("spec.model", {"lora": {"rank": 4}}, "spec.model.lora"),  # a ddpm has no LoRA
     ("spec.property", {"quantile": 1.5}, "spec.property.quantile"),
     ("spec.dataset.captions", "txt", "spec.dataset.captions"),
     ("spec.method", {"prune": {"ratio": 1.5}}, "spec.method.prune.ratio"),
@@ -172,3 +173,39 @@ def test_hostile_manifest_files_are_refused_naming_the_problem(tmp_path: Path) -
     binary.write_bytes(b"\xff\xfe\x00garbage")
     with pytest.raises(SpecError, match="not UTF-8"):
         load_manifest(binary)
+
+
+def test_each_model_family_has_its_own_section_and_says_whose_field_a_stray_one_is() -> None:
+    from datacredit.spec import FAMILY_MODELS, DdpmModel, LdmModel, SdLoraModel
+
+    assert isinstance(parse_manifest(GOOD).spec.model, DdpmModel)  # family left out: ddpm
+    ldm = parse_manifest(with_change("spec.model", {"family": "ldm", "autoencoder": "s3://b/vq"})).spec.model
+    sd = parse_manifest(with_change("spec.model", {"family": "sd-lora", "checkpoint": "/sd", "prompt": "a cat",
+                                                   "lora": {"checkpoint": "/lora"}})).spec.model
+    assert isinstance(ldm, LdmModel) and isinstance(sd, SdLoraModel) and set(FAMILY_MODELS) == {"ddpm", "ldm",
+                                                                                                   "sd-lora"}
+    # what prepare reads and the default caption come from the family
+    assert ldm.uris() == [("spec.model.checkpoint", None), ("spec.model.autoencoder", "s3://b/vq")]
+    assert sd.uris()[-1] == ("spec.model.lora.checkpoint", "/lora") and sd.default_caption() == "a cat"
+    assert ldm.default_caption() == ""
+    with pytest.raises(SpecError) as e:
+        parse_manifest(with_change("spec.model", {"family": "ddpm", "autoencoder": "s3://b/vq", "lorra": {}}))
+    problems = dict(e.value.problems)
+    assert problems["spec.model.autoencoder"] == "not a field of model family 'ddpm' (it belongs to ldm)"
+    assert problems["spec.model.lorra"].startswith("unknown field")
+    with pytest.raises(SpecError) as e:
+        parse_manifest(with_change("spec.model", {"family": "gan"}))
+    assert dict(e.value.problems)["spec.model.family"].startswith("'gan': unknown model family; known: ddpm")
+
+
+BEFORE = {"ddpm": "e05851bbf0a3", "ldm": "8748e7148396", "sd-lora": "b309c73e36d4"}  # by the flat ModelSpec
+
+
+def test_config_hash_of_a_family_section_is_the_one_of_the_flat_section_before_it() -> None:
+    # the hashes below were computed by the flat ModelSpec these sections replaced (run folders are named by
+    # them, so a manifest written before keeps resuming its run)
+    assert parse_manifest(GOOD).config_hash()[:12] == BEFORE["ddpm"]
+    ldm = with_change("spec.model", {"family": "ldm", "autoencoder": "s3://b/vq"})
+    assert parse_manifest(ldm).config_hash()[:12] == BEFORE["ldm"]
+    sd = with_change("spec.model", {"family": "sd-lora", "checkpoint": "/sd", "prompt": "a cat"})
+    assert parse_manifest(sd).config_hash()[:12] == BEFORE["sd-lora"]
