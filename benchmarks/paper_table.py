@@ -3,7 +3,8 @@
 Builds the digits demo with ``--contributors`` contributors (three of them planted bad: noise, blank,
 duplicate), runs the sparsified-FT valuation (KernelSHAP), then ``datacredit evaluate``'s machinery: LDS of
 sparsified-FT Shapley, LOO by retraining, FT-Shapley and retraining Shapley at the same compute budget (seconds)
-as the sparsified-FT run, pixel and embedding similarity; counterfactuals; the speedup of one sparsified-FT
+as the sparsified-FT run, pixel and embedding similarity, Banzhaf and a datamodel fitted on the run's coalitions,
+D-TRAK on the full model and pro-rata by image count; counterfactuals; the speedup of one sparsified-FT
 coalition over a full retrain; and the Pearson correlation of sparsified-FT and retrained utilities on the test
 coalitions (the paper's Appendix D check), which explains a loss when there is one.
 
@@ -44,8 +45,9 @@ SIZES = {
              "estimator": "kernel", "repeats": 3,
              "settings": EvalSettings(alphas=(0.25, 0.5, 0.75), subsets=8, seeds=2)},
     "tiny": {"contributors": 4, "train": {"steps": 30, "learningRate": 2e-3, "batchSize": 32}, "budget": 16,
-             "estimator": "exact", "repeats": 1, "settings": EvalSettings(alphas=(0.5,), subsets=3, seeds=2,
-                                                            baselines=("loo", "ft-shapley", "pixel", "embedding"))},
+             "estimator": "exact", "repeats": 1,
+             "settings": EvalSettings(alphas=(0.5,), subsets=3, seeds=2,
+                                      baselines=("loo", "ft-shapley", "pixel", "embedding", "d-trak"))},
 }
 
 
@@ -89,7 +91,13 @@ def markdown(report: dict[str, Any], meta: dict[str, Any]) -> str:
         b = report["budget"].get(name)
         spend = f"{b['coalitions']} / {b['seconds']:.0f}" if b else "-"
         lines.append(f"| {name} | " + " | ".join(_fmt(by_alpha[str(a)]) for a in alphas) + f" | {spend} |")
-    frac = report["settings"]["fraction"]
+    st = report["settings"]
+    if "D-TRAK" in report["lds"]:
+        lines += ["", f"D-TRAK: gradients of the unpruned full model's mean squared output over {st['trak_timesteps']} "
+                      f"(timestep, noise) draws per image, projected to {st['trak_dim']:,} dimensions, kernel ridge "
+                      f"λ = {st['trak_ridge']}, summed over a contributor's images and averaged over the full model's "
+                      "samples; it trains no coalition."]
+    frac = st["fraction"]
     lines += ["", f"**Counterfactual: ΔF (%) vs. the full set after retraining, removing {frac:.0%}**", "",
               "| Method | remove top | removed | remove bottom | removed |", "|---|---:|---|---:|---|"]
     for name, d in report["counterfactual"].items():

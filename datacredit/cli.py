@@ -409,10 +409,13 @@ def evaluate(
     fraction: Annotated[float, typer.Option(min=0.01, max=0.99, help="Counterfactual: remove this top / bottom "
                                                                      "fraction of each ranking.")] = 0.4,
     baselines: Annotated[str, typer.Option(help="Comma-separated: loo, ft-shapley, retrain-shapley, pixel, "
-                                                "embedding, banzhaf, datamodel ('' for none).")]
-    = "loo,ft-shapley,retrain-shapley,pixel,embedding,banzhaf,datamodel",
+                                                "embedding, banzhaf, datamodel, d-trak ('' for none).")]
+    = "loo,ft-shapley,retrain-shapley,pixel,embedding,banzhaf,datamodel,d-trak",
     interval: Annotated[str, typer.Option(help="95% interval over seeds: normal (the paper's), t or bootstrap.")]
     = "normal",
+    trak_dim: Annotated[int, typer.Option(min=1, help="D-TRAK: random projection dimension.")] = 1024,
+    trak_timesteps: Annotated[int, typer.Option(min=1, help="D-TRAK: (timestep, noise) draws per image "
+                                                             "(the paper: 100).")] = 10,
 ) -> None:
     """Score the run's Shapley values against models **retrained from scratch**: LDS, counterfactuals, baselines.
 
@@ -431,7 +434,8 @@ def evaluate(
         raise typer.Exit(EXIT_BAD_INPUT) from None
     ref = open_run(_load(Path(target))) if Path(target).is_file() else None
     settings = EvalSettings(alphas=alpha_list, subsets=subsets, seeds=seeds, fraction=fraction,
-                            baselines=tuple(b.strip() for b in baselines.split(",") if b.strip()), interval=interval)
+                            baselines=tuple(b.strip() for b in baselines.split(",") if b.strip()), interval=interval,
+                            trak_dim=trak_dim, trak_timesteps=trak_timesteps)
     try:
         report = run_evaluation(ref.uri if ref else target, settings, options=ref.options if ref else None)
     except (EvaluationError, ValueError) as e:  # BadInput and SpecError are ValueErrors

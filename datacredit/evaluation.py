@@ -232,6 +232,22 @@ def datamodel_scores(members: Sequence[Sequence[int]], utilities: Sequence[float
     return coef[1:]
 
 
+#: Gradient attribution on the full model (jobs/trak.py), summed over a contributor's images.
+DTRAK = "D-TRAK"
+
+
+def trak_scores(train: np.ndarray, generated: np.ndarray, owner: np.ndarray, n_players: int,
+                ridge: float = 0.5) -> np.ndarray:
+    """TRAK-family contributor scores from projected features (rows): a training image j scores
+    φ(g)ᵀ (ΦᵀΦ + ``ridge``·I)⁻¹ φ(j) for a generated sample g, with Φ the training features; averaged over the
+    generated samples and summed over each contributor's images (paper: ridge 0.5). 0 for a contributor
+    without images."""
+    phi = np.asarray(train, dtype=np.float64)
+    kernel = phi.T @ phi + ridge * np.eye(phi.shape[1])
+    per_image = phi @ np.linalg.solve(kernel, np.asarray(generated, dtype=np.float64).mean(axis=0))
+    return np.bincount(np.asarray(owner), weights=per_image, minlength=n_players)[:n_players]
+
+
 def lds_by_ranker(rankers: Mapping[str, np.ndarray], tests: Mapping[float, Sequence[Sequence[int]]],
                   observed: Mapping[float, dict[int, Sequence[float]]], method: str = "normal"
                   ) -> dict[str, dict[str, Any]]:

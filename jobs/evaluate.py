@@ -10,7 +10,8 @@ Ground truth (stored in the run under ``evaluation/``, reused by every later cal
 Rankers compared: the run's sparsified-FT Shapley values, FT-Shapley and retraining Shapley at the same compute
 budget as the sparsified-FT run (counted work: forward passes weighted by model size, see ``BUDGET_RULE``; seconds
 are reported beside it), leave-one-out by retraining, pixel / embedding similarity of each contributor's images
-to the full model's samples, and pro-rata: each contributor's image count, what payers use today (LDS only: its
+to the full model's samples, D-TRAK (projected gradients of the unpruned full model, summed per contributor,
+:mod:`datacredit.jobs.trak`), and pro-rata: each contributor's image count, what payers use today (LDS only: its
 ranking needs no compute, and its counterfactual would cost retrains of its own).
 """
 
@@ -45,6 +46,7 @@ from .pipeline import finetune_and_sample
 from .properties.digits import ClassifierProperty
 from .sample import sample_ddim
 from .train import Checkpoint, train_ddpm
+from .trak import dtrak_features
 from .unet import build_unet
 from .worker import load_run, local_copy, prepared_run, run_coalition
 
@@ -54,7 +56,7 @@ BUDGET_RULE = ("equal counted work: forward passes of training (steps × batch, 
                "full-model forward passes; FT-Shapley and retrain Shapley take the plan's coalitions in order while "
                "their summed work stays within sparsified-FT's (pruned fine-tuning plus all its coalition evaluations)")
 SUPPORTED_FAMILIES = ("ddpm",)
-BASELINES = ("loo", "ft-shapley", "retrain-shapley", "pixel", "embedding", "banzhaf", "datamodel")
+BASELINES = ("loo", "ft-shapley", "retrain-shapley", "pixel", "embedding", "banzhaf", "datamodel", "d-trak")
 #: rankers without a counterfactual: they train nothing themselves, and it would retrain for them alone
 LDS_ONLY = (ev.PRO_RATA, ev.BANZHAF_RUN, ev.DATAMODEL_RUN)
 
@@ -73,6 +75,9 @@ class EvalSettings:
     fraction: float = 0.4  # counterfactual: remove the top / bottom fraction of a ranking
     baselines: tuple[str, ...] = BASELINES
     interval: str = "normal"  # normal (paper) | t | bootstrap
+    trak_dim: int = 1024  # D-TRAK projection dimension (the paper's for unconditional models)
+    trak_timesteps: int = 10  # D-TRAK (t, noise) draws per image (the paper: 100)
+    trak_ridge: float = 0.5  # λ of the kernel (ΦᵀΦ + λI)⁻¹ (the paper's)
 
 
 class GroundTruth:
@@ -243,6 +248,19 @@ def _similarity(gt: GroundTruth, n: int, which: str) -> dict[str, np.ndarray]:
     return {f"{which}-{agg}": ev.similarity_scores(samples_f, train_f, gt.p.owner, n, agg) for agg in ("max", "mean")}
 
 
+def _dtrak(gt: GroundTruth, n: int, settings: EvalSettings, work: ev.WorkModel) -> tuple[np.ndarray, dict[str, Any]]:
+    """D-TRAK scores on the unpruned full model for its samples (:func:`datacredit.evaluation.trak_scores`), and
+    their spend: counted work of one forward and backward pass per image and draw (no coalitions)."""
+    generated, model = gt.full_samples(), gt.full_model().inference_model
+    t0 = time.perf_counter()
+    kw = {"dim": settings.trak_dim, "timesteps": settings.trak_timesteps, "seed": gt.p.run.spec.seed}
+    scores = ev.trak_scores(dtrak_features(model, gt.data.images, **kw).numpy(),
+                            dtrak_features(model, generated, **kw).numpy(), gt.p.owner, n, settings.trak_ridge)
+    spent = ev.pass_work(train_steps=settings.trak_timesteps, batch_size=len(gt.data.images) + len(generated),
+                         sampler_steps=0, samples=0, params=work.params_full, params_full=work.params_full)
+    return scores, {"coalitions": 0, "seconds": round(time.perf_counter() - t0, 1), "work": round(spent, 1)}
+
+
 def _run_rows(store: Any) -> list[Any]:
     """The run's coalition utilities (results/utilities.jsonl) as rows."""
     if not store.exists(layout.UTILITIES):
@@ -316,6 +334,8 @@ def evaluate(run_uri: str, settings: EvalSettings, *, options: S3Options | None 
             rankers[ev.DATAMODEL_RUN] = ev.datamodel_scores([r.members for r in run_rows],
                                                             [r.utility for r in run_rows], n)
             budgets[ev.DATAMODEL_RUN] = {**budgets["sparsified-FT Shapley"]}
+        if "d-trak" in settings.baselines:
+            rankers[ev.DTRAK], budgets[ev.DTRAK] = _dtrak(gt, n, settings, work)
 
         # LDS test coalitions, retrained with every seed
         tests = {a: ev.datamodel_subsets(n, a, settings.subsets, seed=seed0) for a in settings.alphas}

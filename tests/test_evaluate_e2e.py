@@ -32,7 +32,7 @@ def test_evaluate_stores_and_reuses_ground_truth(tiny_data: TinyData, tmp_path: 
     ref = open_run(run)
     settings = EvalSettings(alphas=(0.5,), subsets=3, seeds=2, fraction=0.25,
                             baselines=("loo", "ft-shapley", "retrain-shapley", "pixel", "embedding", "banzhaf",
-                                       "datamodel"))
+                                       "datamodel", "d-trak"), trak_dim=256, trak_timesteps=3)
     seen: list[GroundTruth] = []
     first = evaluate(ref.uri, settings, on_truth=seen.append)
 
@@ -52,6 +52,13 @@ def test_evaluate_stores_and_reuses_ground_truth(tiny_data: TinyData, tmp_path: 
         assert name in first["lds"] and name not in first["counterfactual"]
         assert first["budget"][name]["work"] == first["budget"]["sparsified-FT Shapley"]["work"]
     assert first["budget"]["retrain Shapley"]["coalitions"] >= 1
+    # D-TRAK on the full model: one score per contributor, LDS and counterfactual rows, its counted work is one
+    # forward and backward pass (3 forward passes) per image and draw, no coalitions
+    assert len(first["values"][ev.DTRAK]) == n and np.isfinite(first["values"][ev.DTRAK]).all()
+    assert ev.DTRAK in first["lds"] and ev.DTRAK in first["counterfactual"]
+    images = read_json(ref.store, "prepare/result.json")["images"] + run.spec.property.samples
+    assert first["budget"][ev.DTRAK]["coalitions"] == 0
+    assert first["budget"][ev.DTRAK]["work"] == pytest.approx(3 * 3 * images, abs=0.1)
     # equal compute is counted work (forward passes x model size), the same rule for every ranker
     spent = first["budget"]
     budget = spent["sparsified-FT Shapley"]["work"]
@@ -86,9 +93,10 @@ def test_evaluate_stores_and_reuses_ground_truth(tiny_data: TinyData, tmp_path: 
 
     # the CLI prints the tables from the same stored ground truth
     res = CliRunner().invoke(app, ["evaluate", ref.uri, "--alphas", "0.5", "--subsets", "3", "--seeds", "2",
-                                   "--fraction", "0.25"])  # default --baselines: all seven
+                                   "--fraction", "0.25", "--trak-dim", "256", "--trak-timesteps", "3"])
+    # default --baselines: all eight, D-TRAK as in the first call (so its counterfactual needs no retrain)
     assert res.exit_code == 0, res.output
-    assert "LDS" in res.output and "retrained now: 0" in res.output
+    assert "LDS" in res.output and "retrained now: 0" in res.output and ev.DTRAK in res.output
     assert "as many images" in " ".join(res.output.split())  # why the pro-rata row is missing
     assert "equal counted work" in " ".join(res.output.split())
 

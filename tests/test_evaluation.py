@@ -156,6 +156,20 @@ def test_lds_by_ranker_shows_pro_rata_next_to_shapley() -> None:
     assert ev.PRO_RATA not in ev.lds_by_ranker(equal, tests, observed)  # equal counts rank no subset
 
 
+def test_trak_scores_sum_kernel_influence_over_each_contributors_images() -> None:
+    # training features e1, e1, e2 (contributors 0, 0, 1; contributor 2 has none); generated e1 and e1 + e2
+    train = np.asarray([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    generated = np.asarray([[1.0, 0.0], [1.0, 1.0]])
+    scores = ev.trak_scores(train, generated, np.asarray([0, 0, 1]), 3, ridge=0.5)
+    # K = diag(1/2.5, 1/1.5); mean generated (1, 0.5): image scores 0.4, 0.4, 1/3
+    assert scores == pytest.approx([0.8, 1 / 3, 0.0])
+    rng = np.random.default_rng(0)
+    phi, gen, owner = rng.normal(size=(12, 4)), rng.normal(size=(5, 4)), rng.integers(0, 3, 12)
+    explicit = gen @ np.linalg.inv(phi.T @ phi + 0.5 * np.eye(4)) @ phi.T  # (generated, train) scores
+    expected = [explicit[:, owner == c].sum(axis=1).mean() for c in range(3)]
+    assert ev.trak_scores(phi, gen, owner, 3) == pytest.approx(expected)
+
+
 def test_datamodel_recovers_an_additive_game_and_is_the_least_squares_fit_otherwise() -> None:
     n = 5
     members = [tuple(i for i in range(n) if mask >> i & 1) for mask in range(2**n)]
