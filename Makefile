@@ -76,7 +76,7 @@ $(BENCH_VENV)/.installed: pyproject.toml
 	$(BENCH_VENV)/bin/pip --cache-dir $(CACHE)/pip --disable-pip-version-check install -q -e '.[bench]'
 	touch $@
 
-bench-peers: $(BENCH_VENV)/.installed ## ours vs shapiq and pyDVL on interaction-heavy games (~8 min): results/peers.json
+bench-peers: $(BENCH_VENV)/.installed ## ours vs shapiq and pyDVL on interaction-heavy games (~10 min): results/peers.json
 	$(BENCH_VENV)/bin/python benchmarks/peers.py
 
 bench-peers-quick: $(BENCH_VENV)/.installed ## the same at n = 10, 16 and one seed (about a minute; prints only)

@@ -26,8 +26,8 @@ permutation, antithetic-permutation, uniform (Monte Carlo over the powerset) and
 its cvxpy solve takes ~9 s a run at n = 64, and its error there is above 100%). pyDVL has no
 regression (KernelSHAP) estimator.
 
-Needs the ``bench`` extra (``make bench-peers``). Run ``python benchmarks/peers.py`` (~8 min on one
-core, 3 seeds; writes results/peers.json) or ``--quick`` (< 60 s, prints only).
+Needs the ``bench`` extra (``make bench-peers``). Run ``python benchmarks/peers.py`` (~10 min on one
+core, 5 seeds; writes results/peers.json) or ``--quick`` (< 60 s, prints only).
 """
 
 from __future__ import annotations
@@ -290,12 +290,12 @@ def print_table(cells: list[dict[str, Any]], summary: dict[str, object]) -> None
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small grid (< 60 s), prints only")
-    parser.add_argument("--seeds", type=int, help="seeds per cell (default 3, quick 1)")
+    parser.add_argument("--seeds", type=int, help="seeds per cell (default 5, quick 1)")
     parser.add_argument("--out", type=Path, help=f"results JSON (default {RESULTS.name} for the full run)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")  # pyDVL's deprecation and convergence chatter
     games = ["interactions", "harmful", "unanimity", "majority"]
-    sizes, seeds = ([10, 16], 1) if args.quick else ([10, 16, 32, 64], 3)
+    sizes, seeds = ([10, 16], 1) if args.quick else ([10, 16, 32, 64], 5)
     seeds = args.seeds or seeds
     start = time.time()
     cells = []
