@@ -13,7 +13,7 @@ IMAGE_TAG ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 export DATACREDIT_CACHE := $(CACHE)
 export PATH := $(VENV)/bin:$(PATH)
 
-.PHONY: help install binaries demo demo-quick test test-fast lint crds dashboards images push-images bench bench-quick bench-paper bench-paper-quick bench-trust bench-trust-quick clean
+.PHONY: help install binaries demo demo-quick test test-fast lint crds dashboards images push-images bench bench-quick bench-peers bench-peers-quick bench-paper bench-paper-quick bench-trust bench-trust-quick clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -67,6 +67,21 @@ bench: install ## estimator benchmark (full, a few minutes): writes benchmarks/r
 
 bench-quick: install ## estimator benchmark at a small size (CI)
 	$(PY) benchmarks/estimators.py --quick
+
+# The peer libraries (shapiq, pyDVL; pyDVL pins numpy < 2) get a virtualenv of their own, without torch.
+BENCH_VENV ?= $(CACHE)/venv-bench-$(ENV_KEY)
+
+$(BENCH_VENV)/.installed: pyproject.toml
+	@mkdir -p $(CACHE)
+	test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip --cache-dir $(CACHE)/pip --disable-pip-version-check install -q -e '.[bench]'
+	touch $@
+
+bench-peers: $(BENCH_VENV)/.installed ## ours vs shapiq and pyDVL on interaction-heavy games (~10 min): results/peers.json
+	$(BENCH_VENV)/bin/python benchmarks/peers.py
+
+bench-peers-quick: $(BENCH_VENV)/.installed ## the same at n = 10, 16 and one seed (about a minute; prints only)
+	$(BENCH_VENV)/bin/python benchmarks/peers.py --quick
 
 bench-paper: install ## paper Table 1/2 at CPU scale (retrains; ~40 min): benchmarks/results/paper_table.json
 	$(PY) benchmarks/paper_table.py
