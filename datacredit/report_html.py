@@ -194,7 +194,9 @@ def render_report(doc: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], man
         "<section id=convergence><h2>Convergence</h2>"
         f"{_img(convergence_png(doc, track), 'convergence chart')}"
         "<p class=sub>Each point refits the estimator on the first coalitions of the plan; flat lines and "
-        "narrowing bands mean more coalitions would change little.</p></section>",
+        "narrowing bands mean more coalitions would change little."
+        + (" An exact run enumerates coalitions in a fixed order, so its early points fit an unbalanced sample; "
+           "only the last one is exact." if doc["method"] == "exact" else "") + "</p></section>",
         f"<section id=fidelity><h2>Fidelity to retraining</h2>{_fidelity(doc)}</section>",
         f"<section id=settings><h2>Settings</h2><pre>{esc(yaml.safe_dump(settings, sort_keys=False))}</pre>",
         f"<details><summary>manifest</summary><pre>{esc(yaml.safe_dump(dict(manifest), sort_keys=False))}</pre>"
