@@ -556,23 +556,33 @@ def worker_prepare(
 @worker.command("coalition")
 def worker_coalition(
     run_uri: Annotated[str, typer.Option("--run", help="Run URI holding manifest.json and prepare/.")],
-    members: Annotated[str, typer.Option(help="Comma-separated contributor indices; '' for the empty set.")],
-    attempt: Annotated[int, typer.Option(min=1)] = 1,
+    members: Annotated[list[str], typer.Option(help="Comma-separated contributor indices of a coalition; '' for the "
+                                                    "empty set. Repeat it to evaluate a batch as one pack.")],
+    attempt: Annotated[list[int] | None, typer.Option(min=1, help="The attempt of each --members (one value: all "
+                                                                  "of them).")] = None,
     endpoint: Annotated[str, typer.Option(help="S3 endpoint URL (else AWS_ENDPOINT_URL_S3).")] = "",
     region: Annotated[str, typer.Option()] = "",
 ) -> None:
-    """Fine-tune the sparsified model on a coalition, sample, score; write `coalitions/<id>/result.json`."""
+    """Fine-tune the sparsified model on each coalition, sample, score; write `coalitions/<id>/result.json`.
+
+    Several `--members` are packed: fine-tuned and sampled together as one program on the device, each with its
+    own data, seeds, optimiser and EMA, then scored and stored one by one (stored coalitions are skipped).
+    """
     from .errors import BadInput, NotReady
-    from .jobs.worker import run_coalition
+    from .jobs.worker import run_coalitions
     from .storage import S3Options, StorageUnavailable
 
     try:
-        idx = [int(x) for x in members.split(",") if x.strip()]
+        batch = [[int(x) for x in m.split(",") if x.strip()] for m in members]
     except ValueError:
         err.print(f"[red]bad --members {escape(repr(members))}[/]: expected comma-separated integers")
         raise typer.Exit(EXIT_BAD_INPUT) from None
+    attempts = list(attempt or [1])
+    if len(attempts) == 1:
+        attempts = attempts * len(batch)
     try:
-        res = run_coalition(run_uri, idx, attempt=attempt, options=S3Options(endpoint=endpoint, region=region))
+        results = run_coalitions(run_uri, batch, attempts=attempts,
+                                 options=S3Options(endpoint=endpoint, region=region))
     except BadInput as e:  # SpecError is one too
         err.print(f"[red]bad input:[/] {escape(str(e))}")
         raise typer.Exit(EXIT_BAD_INPUT) from None
@@ -582,7 +592,9 @@ def worker_coalition(
     except StorageUnavailable as e:
         err.print(f"[red]storage unavailable:[/] {escape(str(e))}")
         raise typer.Exit(EXIT_STORAGE) from None
-    out.print(f"coalition {res['id']}: utility {res['utility']:.5f}")
+    for res in results:
+        out.print(f"coalition {res['id']}: utility {res['utility']:.5f} ({res.get('deviceSeconds', 0):.1f} "
+                  f"device-s, packed with {res.get('packedWith', 1)})")
 
 
 @app.command("operator")

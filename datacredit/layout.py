@@ -18,16 +18,17 @@ SPARSIFIED = "prepare/sparsified"  # the pruned, fine-tuned model
 PROPERTY_CACHE = "prepare/property"  # what a property fits once per run (classifier, reference stats)
 RESULTS = "results"
 UTILITIES = "results/utilities.jsonl"
+COALITIONS = "coalitions"  # one folder per coalition id: result.json and its attempts
 
 
 def coalition_result(cid: str) -> str:
     """The commit marker of a coalition: it is done when this exists."""
-    return f"coalitions/{cid}/result.json"
+    return f"{COALITIONS}/{cid}/result.json"
 
 
 def attempt_dir(cid: str, attempt: int) -> str:
     """Checkpoints and sample grids of one attempt, kept for audit."""
-    return f"coalitions/{cid}/attempt-{attempt}"
+    return f"{COALITIONS}/{cid}/attempt-{attempt}"
 
 
 PREPARE_STEP = "prepare"  # the attempt owner of the prepare step (coalitions own theirs by id)

@@ -369,6 +369,15 @@ class ExecutionSpec(_Model):
     priority_class_name: str = ""
     queue_name: Annotated[str, Field(description="Kueue LocalQueue; sets the kueue.x-k8s.io/queue-name label.")] = ""
     service_account_name: str = ""
+    coalitions_per_job: Annotated[int | None, Field(
+        ge=1, le=256, description="Coalitions one worker fine-tunes and samples together as one packed program "
+                                  "(one Job per batch). Unset: chosen from the pruned model's size and "
+                                  "resources.memory (datacredit/packing.py); 1 turns packing off.")] = None
+    precision: Annotated[Literal["fp32", "bf16"], Field(
+        description="bf16: packed coalitions run the UNet under bf16 autocast on CUDA (faster; values move "
+                    "within bf16 rounding). CPU always runs fp32.")] = "fp32"
+    compile: Annotated[bool, Field(description="torch.compile the packed UNet on CUDA (pays off for long runs).")] \
+        = False
     max_attempts_per_coalition: Annotated[int, Field(ge=1, le=20)] = 3
     max_failed_coalitions: Annotated[
         int, Field(ge=0, le=100_000, description="Coalitions failed for good before the run fails.")

@@ -12,6 +12,7 @@ import platform
 import shutil
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -25,7 +26,7 @@ from datacredit.dataset import IMAGE_SUFFIXES, discover
 from datacredit.errors import BadInput, DatasetError, ModelError, NotReady
 from datacredit.ids import coalition_id, contributor_id
 from datacredit.runstate import member_indices, planner_for
-from datacredit.seeds import coalition_seeds
+from datacredit.seeds import Seeds, coalition_seeds
 from datacredit.spec import SpecError, ValuationRun, parse_manifest
 from datacredit.storage import (
     InvalidKeyError,
@@ -333,58 +334,111 @@ def _score(p: PreparedRun, samples: torch.Tensor, cid: str) -> float:
     return utility
 
 
+@dataclass
+class _Todo:
+    """A coalition of a batch that has no result yet: what evaluating and storing it needs."""
+
+    members: list[int]
+    cid: str
+    attempt: int
+    mask: np.ndarray
+    seeds: Seeds
+    replicates: list[Seeds]
+
+
 def run_coalition(run_uri: str, members: list[int], *, attempt: int = 1,
                   options: S3Options | None = None) -> dict[str, Any]:
-    """The coalition step; idempotent: an existing result.json is returned as is."""
+    """The coalition step for one coalition; idempotent: an existing result.json is returned as is."""
+    return run_coalitions(run_uri, [members], attempts=[attempt], options=options)[0]
+
+
+def run_coalitions(run_uri: str, batch: Sequence[Sequence[int]], *, attempts: Sequence[int] | None = None,
+                   options: S3Options | None = None) -> list[dict[str, Any]]:
+    """The coalition step for a batch: the coalitions without a stored result (and their replicate seeds) are
+    fine-tuned and sampled as one pack (:meth:`Family.coalitions`), then each is scored and gets its own
+    ``result.json``; stored ones are returned as they are. ``attempts[i]`` is coalition i's attempt (default 1).
+
+    ``seconds`` in a result are the coalition's share of the pack's stages; ``deviceSeconds`` its share of the
+    pack's wall time on the device (what it cost), ``packedWith`` how many evaluations shared the pack."""
     options = options or S3Options()
     set_threads()
     store = open_storage(run_uri, options)
     p = prepared_run(run_uri, options)
     contributors = p.manifest["contributors"]
-    bad = [m for m in members if not 0 <= m < len(contributors)]
-    if bad or len(set(members)) != len(members):
-        raise BadInput(f"--members {members}: indices must be distinct and in [0, {len(contributors)})")
-    member_ids = [contributors[m]["id"] for m in sorted(members)]
-    cid = coalition_id(member_ids, p.manifest["configHash"])
-    key = layout.coalition_result(cid)
-    if store.exists(key):
-        return read_json(store, key)
+    attempts = list(attempts) if attempts is not None else [1] * len(batch)
+    if len(attempts) != len(batch):
+        raise BadInput(f"{len(attempts)} attempt number(s) for {len(batch)} coalition(s): give one per --members")
     s = p.run.spec
     crn = s.method.common_random_numbers
-    family = get_family(s.model.family)
-    mask = np.isin(p.owner, sorted(members))
-    seeds = coalition_seeds(s.seed, cid, 0, crn)
-    samples, seconds = family.coalition(p.run, p.state, mask, seeds)
+    results: list[dict[str, Any] | None] = [None] * len(batch)
+    todo: list[tuple[int, _Todo]] = []
+    for i, (members, attempt) in enumerate(zip(batch, attempts, strict=True)):
+        members = sorted(int(m) for m in members)
+        bad = [m for m in members if not 0 <= m < len(contributors)]
+        if bad or len(set(members)) != len(members):
+            raise BadInput(f"--members {members}: indices must be distinct and in [0, {len(contributors)})")
+        cid = coalition_id([contributors[m]["id"] for m in members], p.manifest["configHash"])
+        key = layout.coalition_result(cid)
+        if store.exists(key):
+            results[i] = read_json(store, key)
+            continue
+        reps = ([coalition_seeds(s.seed, cid, r, crn) for r in range(1, s.estimator.replicates.seeds + 1)]
+                if tuple(members) in p.replicated else [])  # the between-seed noise is measured on these
+        todo.append((i, _Todo(members, cid, attempt, np.isin(p.owner, members), coalition_seeds(s.seed, cid, 0, crn),
+                              reps)))
+    if not todo:
+        return [r for r in results if r is not None]
+    units = [(t.mask, seeds) for _, t in todo for seeds in (t.seeds, *t.replicates)]
     t0 = time.perf_counter()
-    utility = _score(p, samples, cid)
-    seconds = {**seconds, "property": time.perf_counter() - t0}
-    replicates = []
-    if tuple(sorted(members)) in p.replicated:  # the between-seed noise is measured on these
-        t0 = time.perf_counter()
-        for r in range(1, s.estimator.replicates.seeds + 1):
-            rep = coalition_seeds(s.seed, cid, r, crn)
-            replicates.append({"replicate": r, "seeds": asdict(rep),
-                               "utility": _score(p, family.coalition(p.run, p.state, mask, rep)[0], cid)})
-        seconds["replicates"] = time.perf_counter() - t0
-    seconds["total"] = sum(seconds.values())
+    samples, stages = get_family(s.model.family).coalitions(p.run, p.state, [u[0] for u in units],
+                                                            [u[1] for u in units])
+    pack_seconds = time.perf_counter() - t0
+    share = 1.0 / len(units)
+    done = 0
+    for i, t in todo:
+        own = samples[done : done + 1 + len(t.replicates)]
+        done += len(own)
+        results[i] = _store_result(store, p, t, own, {k: v * share * len(own) for k, v in stages.items()},
+                                   pack_seconds * share * len(own), len(units))
+    return [r for r in results if r is not None]
 
+
+def _store_result(store: Storage, p: PreparedRun, t: _Todo, samples: list[torch.Tensor], seconds: dict[str, float],
+                  device_seconds: float, packed_with: int) -> dict[str, Any]:
+    """Score a coalition's samples (the first are its own, then its replicate seeds') and write its result."""
+    contributors = p.manifest["contributors"]
+    s = p.run.spec
+    t0 = time.perf_counter()
+    utility = _score(p, samples[0], t.cid)
+    replicates = [{"replicate": r, "seeds": asdict(seeds), "utility": _score(p, x, t.cid)}
+                  for r, (seeds, x) in enumerate(zip(t.replicates, samples[1:], strict=True), start=1)]
+    scored = time.perf_counter() - t0
+    seconds = {**seconds, "property": scored, "total": sum(seconds.values()) + scored}
     with tempfile.TemporaryDirectory() as d:
-        grid = save_grid(samples[:64], Path(d) / "samples.png")
-        store.write_bytes(f"{layout.attempt_dir(cid, attempt)}/samples.png", grid.read_bytes())
+        grid = save_grid(samples[0][:64], Path(d) / "samples.png")
+        store.write_bytes(f"{layout.attempt_dir(t.cid, t.attempt)}/samples.png", grid.read_bytes())
     result = {
-        "id": cid,
-        "members": sorted(members),
-        "memberNames": [contributors[m]["name"] for m in sorted(members)],
+        "id": t.cid,
+        "members": t.members,
+        "memberNames": [contributors[m]["name"] for m in t.members],
         "utility": utility,
         "property": s.property.name,
-        "attempt": attempt,
-        "seeds": asdict(seeds),
-        "commonRandomNumbers": crn,
+        "attempt": t.attempt,
+        "seeds": asdict(t.seeds),
+        "commonRandomNumbers": s.method.common_random_numbers,
         "replicates": replicates,
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
+        "deviceSeconds": round(device_seconds + scored, 3),
+        "device": _device_name(),
+        "packedWith": packed_with,
         "versions": _versions(),
     }
+    key = layout.coalition_result(t.cid)
     if not write_json(store, key, result, if_absent=True):  # another attempt won the race: keep its result
         return read_json(store, key)
     return result
 
+
+def _device_name() -> str:
+    """What the coalitions ran on: the CUDA device's name, else ``cpu``."""
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"

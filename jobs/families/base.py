@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -68,3 +68,22 @@ class Family(Protocol):
         paper's null model: the untrained initialisation, or the base model without the LoRA). ``seeds.data``
         draws the batches, ``seeds.noise`` everything else. Returns the samples and stage seconds."""
         ...
+
+    def coalitions(
+        self, run: ValuationRun, state: Any, masks: Sequence[np.ndarray], seeds: Sequence[Seeds]
+    ) -> tuple[list[torch.Tensor], dict[str, float]]:
+        """:meth:`coalition` for several (mask, seeds) pairs of one run at once: each one's samples, equal to
+        what :meth:`coalition` gives within float tolerance, and the stage seconds the whole pack took."""
+        ...
+
+
+def one_by_one(family: Family, run: ValuationRun, state: Any, masks: Sequence[np.ndarray], seeds: Sequence[Seeds]
+               ) -> tuple[list[torch.Tensor], dict[str, float]]:
+    """:meth:`Family.coalitions` for a family that does not pack: one :meth:`Family.coalition` after another."""
+    samples, seconds = [], {}
+    for mask, seed in zip(masks, seeds, strict=True):
+        out, took = family.coalition(run, state, mask, seed)
+        samples.append(out)
+        for stage, value in took.items():
+            seconds[stage] = seconds.get(stage, 0.0) + value
+    return samples, seconds

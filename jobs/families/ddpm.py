@@ -3,6 +3,7 @@ CIFAR setting)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ from datacredit.errors import ModelError
 from datacredit.seeds import Seeds, derived_seed
 from datacredit.spec import ValuationRun
 
+from ..packed import PackItem, PackOptions, finetune_and_sample_packed
 from ..pipeline import Prepared, finetune_and_sample, prepare_sparsified, sample_untrained
 from ..train import Checkpoint
 from .base import Assets, TrainData
@@ -76,6 +78,30 @@ def unet_coalition(run: ValuationRun, sparsified: Checkpoint, images: torch.Tens
     return samples, seconds
 
 
+def unet_coalitions(run: ValuationRun, sparsified: Checkpoint, images: torch.Tensor, masks: Sequence[np.ndarray],
+                    seeds: Sequence[Seeds], clip_sample: bool = True) -> tuple[list[torch.Tensor], dict[str, float]]:
+    """:func:`unet_coalition` for several coalitions: the non-empty ones fine-tuned and sampled as one pack
+    (:mod:`~datacredit.jobs.packed`), ∅ alone (it samples fresh initialisations, not the checkpoint)."""
+    s = run.spec
+    ft = s.method.finetune
+    out: list[torch.Tensor | None] = [None] * len(masks)
+    seconds: dict[str, float] = {"finetune": 0.0, "sample": 0.0}
+    packed = [i for i, mask in enumerate(masks) if mask.any()]
+    for i in (i for i, mask in enumerate(masks) if not mask.any()):
+        out[i], took = unet_coalition(run, sparsified, images, masks[i], seeds[i], clip_sample)
+        seconds["sample"] += took["sample"]
+    if packed:
+        options = PackOptions(steps=ft.steps, lr=ft.learning_rate, batch_size=ft.batch_size,
+                              n_samples=s.property.samples, ddim_steps=s.method.sampler.steps, clip_sample=clip_sample,
+                              bf16=s.execution.precision == "bf16", compile=s.execution.compile)
+        items = [PackItem(images[torch.from_numpy(masks[i])], seeds[i].data, seeds[i].noise) for i in packed]
+        samples, took = finetune_and_sample_packed(sparsified, items, options)
+        for i, sample in zip(packed, samples, strict=True):
+            out[i] = sample
+        seconds = {k: seconds[k] + took[k] for k in seconds}
+    return [o for o in out if o is not None], seconds
+
+
 class DDPMFamily:
     """prepare: [train] -> prune the EMA weights -> fine-tune; coalition: fine-tune (EMA continued) -> DDIM."""
 
@@ -100,6 +126,11 @@ class DDPMFamily:
                   ) -> tuple[torch.Tensor, dict[str, float]]:
         sparsified, data = state
         return unet_coalition(run, sparsified, data.images, mask, seeds)
+
+    def coalitions(self, run: ValuationRun, state: Any, masks: Sequence[np.ndarray], seeds: Sequence[Seeds]
+                   ) -> tuple[list[torch.Tensor], dict[str, float]]:
+        sparsified, data = state
+        return unet_coalitions(run, sparsified, data.images, masks, seeds)
 
 
 FAMILY = DDPMFamily()

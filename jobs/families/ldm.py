@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from datacredit.spec import ValuationRun
 from ..device import pick_device
 from ..train import Checkpoint
 from .base import Assets, TrainData
-from .ddpm import load_full_unet, sparsify, unet_coalition
+from .ddpm import load_full_unet, sparsify, unet_coalition, unet_coalitions
 
 LATENTS = "latents.npy"  # (N, latent_channels, h, w) float32, in the order of prepare/dataset.npz
 AUTOENCODER = "autoencoder.json"  # the VQModel's URI and config the latents were encoded with
@@ -197,6 +198,14 @@ class LDMFamily:
         latents, seconds = unet_coalition(run, state.sparsified, state.latents, mask, seeds, clip_sample=False)
         t0 = time.perf_counter()
         images = decode(state.vq, latents, state.channels)
+        seconds["decode"] = time.perf_counter() - t0
+        return images, seconds
+
+    def coalitions(self, run: ValuationRun, state: LDMState, masks: Sequence[np.ndarray], seeds: Sequence[Seeds]
+                   ) -> tuple[list[torch.Tensor], dict[str, float]]:
+        latents, seconds = unet_coalitions(run, state.sparsified, state.latents, masks, seeds, clip_sample=False)
+        t0 = time.perf_counter()
+        images = [decode(state.vq, z, state.channels) for z in latents]
         seconds["decode"] = time.perf_counter() - t0
         return images, seconds
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,7 @@ from ..lora import (
     set_lora_state,
 )
 from ..train import Progress, progress_reporter
-from .base import Assets, TrainData
+from .base import Assets, TrainData, one_by_one
 
 FIELD = "spec.model.checkpoint"
 LORA_DIR = "lora"  # the pruned, fine-tuned LoRA (peft folder) in prepare's output
@@ -273,6 +274,12 @@ class SDLoraFamily:
         if s.dataset.channels == 1:
             images = images.mean(dim=1, keepdim=True)
         return images, seconds
+
+    def coalitions(self, run: ValuationRun, state: State, masks: Sequence[np.ndarray], seeds: Sequence[Seeds]
+                   ) -> tuple[list[torch.Tensor], dict[str, float]]:
+        """One coalition after another: the LoRA is trained inside the peft-wrapped pipeline (adapter layers
+        in place, a text encoder beside it), which does not stack as the plain UNets do."""
+        return one_by_one(self, run, state, masks, seeds)
 
 
 FAMILY = SDLoraFamily()
