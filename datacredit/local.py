@@ -15,6 +15,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from . import layout
+from .packing import batches, coalitions_per_job
 from .planner import Planner
 from .progress import console as adaptive_console
 from .progress import progress_for
@@ -40,11 +41,16 @@ def _init_worker(threads: int) -> None:
     os.environ["OMP_NUM_THREADS"] = os.environ["DATACREDIT_THREADS"] = str(threads)
 
 
-def _coalition_task(run_uri: str, s3: dict[str, Any], members: list[int], attempt: int) -> dict[str, Any]:
-    from .jobs.worker import run_coalition
+def _batch_task(run_uri: str, s3: dict[str, Any], batch: list[list[int]], attempts: list[int]) -> list[dict[str, Any]]:
+    from .jobs.worker import run_coalitions
     from .storage import S3Options
 
-    return run_coalition(run_uri, members, attempt=attempt, options=S3Options(**s3))
+    return run_coalitions(run_uri, batch, attempts=attempts, options=S3Options(**s3))
+
+
+def _memory_bytes() -> int:
+    """This machine's physical memory."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def _top_line(planner: Planner, names: list[str], k: int = 3) -> str:
@@ -118,10 +124,12 @@ def execute(run: ValuationRun, *, workers: int | None = None, console: Console |
     parallel = max(1, min(workers or run.spec.execution.parallelism, os.cpu_count() or 1))
     threads = max(1, (os.cpu_count() or 1) // parallel)
     s3 = {"endpoint": ref.options.endpoint, "region": ref.options.region, "path_style": ref.options.path_style}
+    pack = coalitions_per_job(run, prep, _memory_bytes() // parallel)
+    console.print(f"workers: {parallel} x {threads} thread(s), up to {pack} coalition(s) packed per worker")
     max_attempts = run.spec.execution.max_attempts_per_coalition
     attempts: dict[str, int] = {}
     failed: list[str] = []
-    pending: dict[Future[dict[str, Any]], tuple[Coalition, float]] = {}
+    pending: dict[Future[list[dict[str, Any]]], tuple[list[Coalition], float]] = {}
     utilities: dict[str, float] = {}
     replicates: dict[str, list[float]] = {}
 
@@ -143,30 +151,53 @@ def execute(run: ValuationRun, *, workers: int | None = None, console: Console |
             task = bar.add_task("coalition", total=len(planner.sequence), top="")
             finished_count = 0
 
-            def submit(coalition: Coalition) -> None:
-                attempts[coalition.id] = attempts.get(coalition.id, 0) + 1
-                fut = pool.submit(_coalition_task, ref.uri, s3, list(coalition.members), attempts[coalition.id])
-                pending[fut] = (coalition, time.monotonic())
+            def submit(batch: list[Coalition]) -> None:
+                for coalition in batch:
+                    attempts[coalition.id] = attempts.get(coalition.id, 0) + 1
+                fut = pool.submit(_batch_task, ref.uri, s3, [list(c.members) for c in batch],
+                                  [attempts[c.id] for c in batch])
+                pending[fut] = (batch, time.monotonic())
+
+            def told(coalition: Coalition, res: dict[str, Any], submitted: float) -> None:
+                nonlocal finished_count
+                utility, extra = keep(coalition.id, res)
+                planner.tell(coalition.mask, utility, extra)
+                finished_count += 1
+                bar.update(task, advance=1, top=_top_line(planner, names),
+                           note=f"{coalition_label(coalition.mask, names)} utility {utility:.4f}",
+                           seconds=time.monotonic() - submitted)
 
             while True:
-                step = walk(planner, ids, ref.config_hash, parallel - len(pending), stored)
+                free = parallel - len(pending)
+                step = walk(planner, ids, ref.config_hash, free * pack, stored)
                 done_before += len(step.told)
                 finished_count += len(step.told)
                 bar.update(task, advance=len(step.told), quiet=True)
-                for coalition in step.start:
-                    submit(coalition)
+                for batch in batches(step.start, pack):  # cut in plan order: the same packs whatever the timing
+                    submit(batch)
                 if not pending:
                     break
                 finished, _ = wait(list(pending), return_when=FIRST_COMPLETED)
                 for fut in finished:
-                    coalition, submitted = pending.pop(fut)
-                    cid, label = coalition.id, coalition_label(coalition.mask, names)
+                    batch, submitted = pending.pop(fut)
                     try:
-                        res = fut.result()
+                        results = fut.result()
                     except Exception as e:  # noqa: BLE001 - a failed attempt is reported and retried
-                        console.print(f"[yellow]coalition {cid} attempt {attempts[cid]} failed:[/] {escape(str(e))}")
+                        error = e
+                    else:
+                        for coalition, res in zip(batch, results, strict=True):
+                            told(coalition, res, submitted)
+                        continue
+                    for coalition in batch:  # the batch failed: keep what it stored, retry the rest one by one
+                        cid, label = coalition.id, coalition_label(coalition.mask, names)
+                        key = layout.coalition_result(cid)
+                        if store.exists(key):
+                            told(coalition, read_json(store, key), submitted)
+                            continue
+                        console.print(f"[yellow]coalition {cid} attempt {attempts[cid]} failed:[/] "
+                                      f"{escape(str(error))}")
                         if attempts[cid] < max_attempts:
-                            submit(coalition)
+                            submit([coalition])
                             continue
                         failed.append(cid)
                         planner.skip(coalition.mask)  # left out of the estimate; the run goes on without it
@@ -175,16 +206,10 @@ def execute(run: ValuationRun, *, workers: int | None = None, console: Console |
                                 f"{len(failed)} coalitions failed after {max_attempts} attempts "
                                 f"(execution.maxFailedCoalitions={run.spec.execution.max_failed_coalitions}); "
                                 f"finished coalitions are kept in {ref.uri}: fix the cause and rerun to resume"
-                            ) from e
+                            ) from error
                         finished_count += 1
                         bar.update(task, advance=1, note=f"{label} failed after {attempts[cid]} attempt(s)",
                                    seconds=time.monotonic() - submitted)
-                        continue
-                    utility, extra = keep(cid, res)
-                    planner.tell(coalition.mask, utility, extra)
-                    finished_count += 1
-                    bar.update(task, advance=1, top=_top_line(planner, names),
-                               note=f"{label} utility {utility:.4f}", seconds=time.monotonic() - submitted)
             bar.update(task, total=finished_count)  # a run that converged early ends before its plan does
     except KeyboardInterrupt:
         pool.shutdown(wait=False, cancel_futures=True)

@@ -389,31 +389,32 @@ def run_coalitions(run_uri: str, batch: Sequence[Sequence[int]], *, attempts: Se
     if not todo:
         return [r for r in results if r is not None]
     units = [(t.mask, seeds) for _, t in todo for seeds in (t.seeds, *t.replicates)]
-    t0 = time.perf_counter()
-    samples, stages = get_family(s.model.family).coalitions(p.run, p.state, [u[0] for u in units],
-                                                            [u[1] for u in units])
-    pack_seconds = time.perf_counter() - t0
-    share = 1.0 / len(units)
+    evaluated = get_family(s.model.family).coalitions(p.run, p.state, [u[0] for u in units], [u[1] for u in units])
     done = 0
     for i, t in todo:
-        own = samples[done : done + 1 + len(t.replicates)]
+        own = evaluated[done : done + 1 + len(t.replicates)]
         done += len(own)
-        results[i] = _store_result(store, p, t, own, {k: v * share * len(own) for k, v in stages.items()},
-                                   pack_seconds * share * len(own), len(units))
+        results[i] = _store_result(store, p, t, own, len(units))
     return [r for r in results if r is not None]
 
 
-def _store_result(store: Storage, p: PreparedRun, t: _Todo, samples: list[torch.Tensor], seconds: dict[str, float],
-                  device_seconds: float, packed_with: int) -> dict[str, Any]:
-    """Score a coalition's samples (the first are its own, then its replicate seeds') and write its result."""
+def _store_result(store: Storage, p: PreparedRun, t: _Todo, evaluated: list[tuple[torch.Tensor, dict[str, float]]],
+                  packed_with: int) -> dict[str, Any]:
+    """Score a coalition's samples (the first are its own, then its replicate seeds') and write its result; its
+    seconds add up its evaluations' (shares of a pack's) stages, ``deviceSeconds`` all of them and the scoring."""
     contributors = p.manifest["contributors"]
     s = p.run.spec
+    samples = [x for x, _ in evaluated]
+    seconds: dict[str, float] = {}
+    for _, took in evaluated:
+        for stage, value in took.items():
+            seconds[stage] = seconds.get(stage, 0.0) + value
     t0 = time.perf_counter()
     utility = _score(p, samples[0], t.cid)
     replicates = [{"replicate": r, "seeds": asdict(seeds), "utility": _score(p, x, t.cid)}
                   for r, (seeds, x) in enumerate(zip(t.replicates, samples[1:], strict=True), start=1)]
-    scored = time.perf_counter() - t0
-    seconds = {**seconds, "property": scored, "total": sum(seconds.values()) + scored}
+    seconds = {**seconds, "property": time.perf_counter() - t0}
+    seconds["total"] = sum(seconds.values())
     with tempfile.TemporaryDirectory() as d:
         grid = save_grid(samples[0][:64], Path(d) / "samples.png")
         store.write_bytes(f"{layout.attempt_dir(t.cid, t.attempt)}/samples.png", grid.read_bytes())
@@ -428,7 +429,7 @@ def _store_result(store: Storage, p: PreparedRun, t: _Todo, samples: list[torch.
         "commonRandomNumbers": s.method.common_random_numbers,
         "replicates": replicates,
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
-        "deviceSeconds": round(device_seconds + scored, 3),
+        "deviceSeconds": round(seconds["total"], 3),
         "device": _device_name(),
         "packedWith": packed_with,
         "versions": _versions(),

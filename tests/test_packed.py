@@ -76,8 +76,10 @@ def _assert_pack_equals_alone(run_uri: str) -> None:
     p = prepared_run(run_uri, S3Options())
     family = get_family(p.run.spec.model.family)
     masks, seeds = _masks(p.owner), _seeds()
-    packed, seconds = family.coalitions(p.run, p.state, masks, seeds)
-    assert len(packed) == len(masks) and seconds["finetune"] > 0 and seconds["sample"] > 0
+    evaluated = family.coalitions(p.run, p.state, masks, seeds)
+    packed = [x for x, _ in evaluated]
+    assert len(packed) == len(masks) and all(took["sample"] > 0 for _, took in evaluated)
+    assert evaluated[2][1]["finetune"] == 0 and evaluated[0][1]["finetune"] > 0  # ∅ is not fine-tuned
     alone = [family.coalition(p.run, p.state, m, s)[0] for m, s in zip(masks, seeds, strict=True)]
     gap = 0.0
     for i, (a, b) in enumerate(zip(alone, packed, strict=True)):

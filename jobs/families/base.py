@@ -71,19 +71,13 @@ class Family(Protocol):
 
     def coalitions(
         self, run: ValuationRun, state: Any, masks: Sequence[np.ndarray], seeds: Sequence[Seeds]
-    ) -> tuple[list[torch.Tensor], dict[str, float]]:
+    ) -> list[tuple[torch.Tensor, dict[str, float]]]:
         """:meth:`coalition` for several (mask, seeds) pairs of one run at once: each one's samples, equal to
-        what :meth:`coalition` gives within float tolerance, and the stage seconds the whole pack took."""
+        what :meth:`coalition` gives within float tolerance, and its stage seconds (its share of a pack's)."""
         ...
 
 
 def one_by_one(family: Family, run: ValuationRun, state: Any, masks: Sequence[np.ndarray], seeds: Sequence[Seeds]
-               ) -> tuple[list[torch.Tensor], dict[str, float]]:
+               ) -> list[tuple[torch.Tensor, dict[str, float]]]:
     """:meth:`Family.coalitions` for a family that does not pack: one :meth:`Family.coalition` after another."""
-    samples, seconds = [], {}
-    for mask, seed in zip(masks, seeds, strict=True):
-        out, took = family.coalition(run, state, mask, seed)
-        samples.append(out)
-        for stage, value in took.items():
-            seconds[stage] = seconds.get(stage, 0.0) + value
-    return samples, seconds
+    return [family.coalition(run, state, mask, seed) for mask, seed in zip(masks, seeds, strict=True)]

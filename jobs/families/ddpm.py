@@ -79,27 +79,25 @@ def unet_coalition(run: ValuationRun, sparsified: Checkpoint, images: torch.Tens
 
 
 def unet_coalitions(run: ValuationRun, sparsified: Checkpoint, images: torch.Tensor, masks: Sequence[np.ndarray],
-                    seeds: Sequence[Seeds], clip_sample: bool = True) -> tuple[list[torch.Tensor], dict[str, float]]:
+                    seeds: Sequence[Seeds], clip_sample: bool = True) -> list[tuple[torch.Tensor, dict[str, float]]]:
     """:func:`unet_coalition` for several coalitions: the non-empty ones fine-tuned and sampled as one pack
-    (:mod:`~datacredit.jobs.packed`), ∅ alone (it samples fresh initialisations, not the checkpoint)."""
+    (:mod:`~datacredit.jobs.packed`; each is given an equal share of its seconds), ∅ alone (it samples fresh
+    initialisations, not the checkpoint)."""
     s = run.spec
     ft = s.method.finetune
-    out: list[torch.Tensor | None] = [None] * len(masks)
-    seconds: dict[str, float] = {"finetune": 0.0, "sample": 0.0}
+    out: dict[int, tuple[torch.Tensor, dict[str, float]]] = {}
     packed = [i for i, mask in enumerate(masks) if mask.any()]
     for i in (i for i, mask in enumerate(masks) if not mask.any()):
-        out[i], took = unet_coalition(run, sparsified, images, masks[i], seeds[i], clip_sample)
-        seconds["sample"] += took["sample"]
+        out[i] = unet_coalition(run, sparsified, images, masks[i], seeds[i], clip_sample)
     if packed:
         options = PackOptions(steps=ft.steps, lr=ft.learning_rate, batch_size=ft.batch_size,
                               n_samples=s.property.samples, ddim_steps=s.method.sampler.steps, clip_sample=clip_sample,
                               bf16=s.execution.precision == "bf16", compile=s.execution.compile)
         items = [PackItem(images[torch.from_numpy(masks[i])], seeds[i].data, seeds[i].noise) for i in packed]
         samples, took = finetune_and_sample_packed(sparsified, items, options)
-        for i, sample in zip(packed, samples, strict=True):
-            out[i] = sample
-        seconds = {k: seconds[k] + took[k] for k in seconds}
-    return [o for o in out if o is not None], seconds
+        share = {stage: value / len(packed) for stage, value in took.items()}
+        out.update((i, (sample, dict(share))) for i, sample in zip(packed, samples, strict=True))
+    return [out[i] for i in range(len(masks))]
 
 
 class DDPMFamily:
@@ -128,7 +126,7 @@ class DDPMFamily:
         return unet_coalition(run, sparsified, data.images, mask, seeds)
 
     def coalitions(self, run: ValuationRun, state: Any, masks: Sequence[np.ndarray], seeds: Sequence[Seeds]
-                   ) -> tuple[list[torch.Tensor], dict[str, float]]:
+                   ) -> list[tuple[torch.Tensor, dict[str, float]]]:
         sparsified, data = state
         return unet_coalitions(run, sparsified, data.images, masks, seeds)
 

@@ -202,12 +202,13 @@ class LDMFamily:
         return images, seconds
 
     def coalitions(self, run: ValuationRun, state: LDMState, masks: Sequence[np.ndarray], seeds: Sequence[Seeds]
-                   ) -> tuple[list[torch.Tensor], dict[str, float]]:
-        latents, seconds = unet_coalitions(run, state.sparsified, state.latents, masks, seeds, clip_sample=False)
-        t0 = time.perf_counter()
-        images = [decode(state.vq, z, state.channels) for z in latents]
-        seconds["decode"] = time.perf_counter() - t0
-        return images, seconds
+                   ) -> list[tuple[torch.Tensor, dict[str, float]]]:
+        out = []
+        for latents, seconds in unet_coalitions(run, state.sparsified, state.latents, masks, seeds, clip_sample=False):
+            t0 = time.perf_counter()
+            images = decode(state.vq, latents, state.channels)
+            out.append((images, {**seconds, "decode": time.perf_counter() - t0}))
+        return out
 
 
 FAMILY = LDMFamily()

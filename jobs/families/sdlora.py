@@ -276,7 +276,7 @@ class SDLoraFamily:
         return images, seconds
 
     def coalitions(self, run: ValuationRun, state: State, masks: Sequence[np.ndarray], seeds: Sequence[Seeds]
-                   ) -> tuple[list[torch.Tensor], dict[str, float]]:
+                   ) -> list[tuple[torch.Tensor, dict[str, float]]]:
         """One coalition after another: the LoRA is trained inside the peft-wrapped pipeline (adapter layers
         in place, a text encoder beside it), which does not stack as the plain UNets do."""
         return one_by_one(self, run, state, masks, seeds)
