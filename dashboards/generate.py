@@ -257,6 +257,14 @@ def runs_dashboard() -> dashboard.Dashboard:
             query(f"max by (namespace, name) (datacredit_run_max_stderr{{{RUN}}})", PER_RUN),
             height=10,
         ),
+        single(
+            "Device seconds",
+            "Device seconds the run's coalitions took (deviceSeconds of each result.json; a packed Job's time is "
+            "shared among its coalitions). Divided by the contributors: the cost per contributor.",
+            "s",
+            query(f"sum by (namespace, name) (datacredit_run_device_seconds_total{{{RUN}}})", PER_RUN),
+            height=10,
+        ),
     ]
     board = base("datacredit-runs", "datacredit / Runs", "ValuationRuns: progress, throughput, latency, results.")
     board = board.with_variable(variable("namespace", "Namespace", "label_values(datacredit_runs, namespace)"))

@@ -18,6 +18,7 @@ LABEL_STEP = "datacredit.dev/step"
 LABEL_COALITION = "datacredit.dev/coalition"
 LABEL_ATTEMPT = "datacredit.dev/attempt"
 ANNOTATION_MEMBERS = "datacredit.dev/members"
+ANNOTATION_BATCH = "datacredit.dev/batch"  # a packed Job's coalitions: see batch_annotation
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 PREPARE = layout.PREPARE_STEP
 COALITION = "coalition"
@@ -29,18 +30,63 @@ MAX_NAME = 63  # Job names become label values: at most 63 characters
 
 
 @dataclass(frozen=True)
+class BatchItem:
+    """A coalition of a coalition Job: its id, member indices and attempt."""
+
+    cid: str
+    members: tuple[int, ...]
+    attempt: int
+
+
+@dataclass(frozen=True)
 class JobRequest:
-    """One Job to run: the prepare step, or a coalition (its id and member indices), at an attempt."""
+    """One Job to run: the prepare step, a coalition (its id and member indices) at an attempt, or a packed batch
+    of coalitions (``batch``; each with its own attempt, ``attempt`` the highest)."""
 
     step: str
     attempt: int
     cid: str = ""
     members: tuple[int, ...] = field(default_factory=tuple)
+    batch: tuple[BatchItem, ...] = field(default_factory=tuple)
 
     @property
     def key(self) -> str:
-        """`prepare` or the coalition id: what attempts are counted per."""
+        """`prepare`, the coalition id, or for a batch `b` + a digest of its coalitions: what names the Job."""
+        if self.batch:
+            return "b" + hashlib.sha256(batch_annotation(self.batch).encode()).hexdigest()[:15]
         return self.cid or PREPARE
+
+    @property
+    def items(self) -> tuple[BatchItem, ...]:
+        """The coalitions this Job evaluates (none for prepare)."""
+        if self.batch:
+            return self.batch
+        return (BatchItem(self.cid, self.members, self.attempt),) if self.cid else ()
+
+
+def coalition_request(items: list[BatchItem]) -> JobRequest:
+    """The Job of one coalition (named by its id, as before packing) or of a packed batch."""
+    if len(items) == 1:
+        return JobRequest(COALITION, items[0].attempt, items[0].cid, items[0].members)
+    return JobRequest(COALITION, max(i.attempt for i in items), batch=tuple(items))
+
+
+def batch_annotation(items: tuple[BatchItem, ...]) -> str:
+    """``cid:0,2:1;cid:3:2``: each coalition's id, members and attempt (the ``datacredit.dev/batch`` annotation)."""
+    return ";".join(f"{i.cid}:{','.join(map(str, i.members))}:{i.attempt}" for i in items)
+
+
+def parse_batch(annotation: str) -> list[BatchItem]:
+    """The items of a :func:`batch_annotation` (malformed parts are dropped)."""
+    items = []
+    for part in annotation.split(";"):
+        cid, _, rest = part.partition(":")
+        members, _, attempt = rest.partition(":")
+        try:
+            items.append(BatchItem(cid, tuple(int(m) for m in members.split(",") if m), int(attempt)))
+        except ValueError:
+            continue
+    return [i for i in items if i.cid]
 
 
 @dataclass(frozen=True)
@@ -74,8 +120,8 @@ def worker_command() -> list[str]:
 def worker_args(run: ValuationRun, run_uri: str, request: JobRequest) -> list[str]:
     """`worker prepare|coalition --run URI [--members 0,2] [--attempt K] [--endpoint E] [--region R]`."""
     args = ["worker", request.step, "--run", run_uri]
-    if request.step == COALITION:
-        args += ["--members", ",".join(str(m) for m in request.members), "--attempt", str(request.attempt)]
+    for item in request.items:  # a packed batch repeats them, one pair per coalition
+        args += ["--members", ",".join(str(m) for m in item.members), "--attempt", str(item.attempt)]
     storage = run.spec.storage
     if storage.endpoint:
         args += ["--endpoint", storage.endpoint]
@@ -95,8 +141,8 @@ def labels(run: Owner, request: JobRequest) -> dict[str, str]:
         LABEL_STEP: request.step,
         LABEL_ATTEMPT: str(request.attempt),
     }
-    if request.cid:
-        out[LABEL_COALITION] = request.cid
+    if request.items:
+        out[LABEL_COALITION] = request.key
     return out
 
 
@@ -126,8 +172,15 @@ def _env(run: ValuationRun) -> list[dict[str, str]]:
     return [pod_name, *({"name": k, "value": v} for k, v in env.items())]
 
 
+def job_annotations(request: JobRequest) -> dict[str, str]:
+    """The members of a coalition Job, or every coalition of a packed one."""
+    if request.batch:
+        return {ANNOTATION_BATCH: batch_annotation(request.batch)}
+    return {ANNOTATION_MEMBERS: ",".join(str(m) for m in request.members)} if request.cid else {}
+
+
 def render_job(run: ValuationRun, ref: Owner, run_uri: str, request: JobRequest) -> dict[str, Any]:
-    """The batch/v1 Job of one worker step (prepare or a coalition attempt)."""
+    """The batch/v1 Job of one worker step (prepare, a coalition attempt or a packed batch of coalitions)."""
     ex = run.spec.execution
     job_labels = labels(ref, request)
     pod_labels = dict(job_labels)
@@ -169,7 +222,7 @@ def render_job(run: ValuationRun, ref: Owner, run_uri: str, request: JobRequest)
         pod_spec["priorityClassName"] = ex.priority_class_name
     if ex.service_account_name:
         pod_spec["serviceAccountName"] = ex.service_account_name
-    annotations = {ANNOTATION_MEMBERS: ",".join(str(m) for m in request.members)} if request.cid else {}
+    annotations = job_annotations(request)
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",

@@ -29,8 +29,8 @@ from datacredit.storage import StorageError
 from datacredit.vocabulary import TERMINAL_PHASES, Phase, RunFailure
 
 from . import metrics
-from .batch import LABEL_RUN_UID, PREPARE, JobRequest, Owner, job_name, render_job
-from .reconcile import LOST_AFTER_SECONDS, REJECTED, RUNNING, Decision, decide, job_view
+from .batch import LABEL_RUN_UID, PREPARE, JobRequest, Owner, batch_annotation, job_name, render_job
+from .reconcile import LOST_AFTER_SECONDS, REJECTED, RUNNING, Decision, decide, job_views
 from .runstore import RunMemory, ensure_run_json, read_store, record_created, record_failure
 from .status import (
     StatusEstimate,
@@ -81,7 +81,7 @@ def reconcile_timer(body: kopf.Body, meta: kopf.Meta, status: kopf.Status, uid: 
     memory = _remember(uid)
     ok = True
     try:
-        jobs = [v for v in (job_view(j) for j in jobs_by_run.get(uid, [])) if v is not None]
+        jobs = [v for j in jobs_by_run.get(uid, []) for v in job_views(j)]
         _reconcile(body, dict(meta), dict(status), uid, name, namespace, patch, jobs, memory)
         memory.last_error = ""
     except (StorageError, ApiException, OSError) as error:
@@ -171,8 +171,8 @@ def _reconcile(body: kopf.Body, meta: dict[str, Any], old: dict[str, Any], uid: 
         _create_job(body, run, owner, ref, request, namespace)
     for job in plan.delete:
         _delete_job(job, namespace)
-    for cid, seconds in fresh.items():
-        metrics.completed(namespace, "succeeded", seconds)
+    for cid, result in fresh.items():
+        metrics.completed(namespace, "succeeded", result.get("seconds"), result.get("deviceSeconds"), name)
         log.info("%s/%s: coalition %s done", namespace, name, cid)
     for key in plan.failed_for_good:
         if key not in memory.failed_counted:
@@ -286,7 +286,10 @@ def _create_job(body: kopf.Body, run: ValuationRun, owner: Owner, ref: Any, requ
     """
     manifest = render_job(run, owner, ref.uri, request)
     name = job_name(owner, request.key, request.attempt)
-    record_created(ref.store, request.key, request.attempt, name)
+    keys = [(item.cid, item.attempt) for item in request.items] or [(request.key, request.attempt)]
+    batch = batch_annotation(request.batch) if request.batch else ""
+    for key, attempt in keys:  # attempts are per coalition, also in a packed Job
+        record_created(ref.store, key, attempt, name, batch)
     try:
         client.BatchV1Api().create_namespaced_job(namespace, manifest)
     except ApiException as error:
@@ -294,7 +297,7 @@ def _create_job(body: kopf.Body, run: ValuationRun, owner: Owner, ref: Any, requ
             return
         if error.status in (400, 422):
             message = f"the API server refused Job {name}: {_api_message(error)}; fix spec.execution and apply again"
-            if record_failure(ref.store, request.key, request.attempt, REJECTED, message, name):
+            if any([record_failure(ref.store, key, attempt, REJECTED, message, name) for key, attempt in keys]):
                 metrics.attempt(namespace, REJECTED)
                 kopf.warn(body, reason="JobRejected", message=message[:1000])
             return
@@ -307,7 +310,7 @@ def _create_job(body: kopf.Body, run: ValuationRun, owner: Owner, ref: Any, requ
     elif request.attempt > 1:
         kopf.info(body, reason="CoalitionRetried", message=f"Job {name}: coalition {request.cid} attempt "
                   f"{request.attempt}")
-    log.info("%s: created Job %s", owner.name, name)
+    log.info("%s: created Job %s (%d coalition(s))", owner.name, name, len(request.items))
 
 
 def _api_message(error: ApiException) -> str:

@@ -39,6 +39,9 @@ COMPLETED = Counter("datacredit_coalitions_completed", "Coalitions finished, by 
                     ["namespace", "result"], registry=REGISTRY)
 DURATION = Histogram("datacredit_coalition_duration_seconds", "Seconds per coalition stage, from result.json.",
                      ["stage"], buckets=_SECONDS, registry=REGISTRY)
+DEVICE_SECONDS = Counter("datacredit_run_device_seconds", "Device seconds the run's coalitions took (result.json "
+                         "deviceSeconds: a packed Job's time shared among its coalitions); divide by contributors "
+                         "for the cost per contributor.", ["namespace", "name"], registry=REGISTRY)
 QUEUE_WAIT = Histogram("datacredit_coalition_queue_wait_seconds", "Seconds from Job creation to a running pod.",
                        buckets=_SECONDS, registry=REGISTRY)
 LAST_SUCCESS = Gauge("datacredit_run_last_success_timestamp_seconds", "When the run succeeded (Unix time).",
@@ -112,7 +115,7 @@ def forget_run(namespace: str, name: str) -> None:
         _publish_run_phases(namespace)
         for phase in COALITION_PHASES:
             _remove(COALITIONS, namespace, name, phase)
-        for gauge in (PROGRESS, ETA, MAX_STDERR, LAST_SUCCESS):
+        for gauge in (PROGRESS, ETA, MAX_STDERR, LAST_SUCCESS, DEVICE_SECONDS):
             _remove(gauge, namespace, name)
         for labels in _top_labels.pop(key, set()):
             _remove(TOP_VALUE, namespace, name, *labels)
@@ -128,12 +131,15 @@ def attempt(namespace: str, reason: str) -> None:
     ATTEMPTS.labels(namespace, reason).inc()
 
 
-def completed(namespace: str, result: str, seconds: Mapping[str, float] | None = None) -> None:
-    """Count a finished coalition; observe its stage durations from result.json."""
+def completed(namespace: str, result: str, seconds: Mapping[str, float] | None = None,
+              device_seconds: float | None = None, name: str = "") -> None:
+    """Count a finished coalition; observe its stage durations and add its device seconds (result.json)."""
     COMPLETED.labels(namespace, result).inc()
     for stage in STAGES:
         if seconds and stage in seconds:
             DURATION.labels(stage).observe(float(seconds[stage]))
+    if device_seconds is not None and name:
+        DEVICE_SECONDS.labels(namespace, name).inc(float(device_seconds))
 
 
 def queue_wait(seconds: float) -> None:

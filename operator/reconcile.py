@@ -13,12 +13,14 @@ from typing import Any
 import numpy as np
 
 from datacredit.ids import coalition_id
+from datacredit.packing import batches, coalitions_per_job, quantity_bytes
 from datacredit.runloop import AskTell, Coalition, Missing, walk
 from datacredit.spec import ValuationRun
 from datacredit.vocabulary import ACTIVE_STATES as ACTIVE
 from datacredit.vocabulary import NOT_RETRIED, AttemptFailure, JobState, Phase, RunFailure
 
 from .batch import (
+    ANNOTATION_BATCH,
     ANNOTATION_MEMBERS,
     COALITION,
     EXIT_STORAGE,
@@ -26,7 +28,10 @@ from .batch import (
     LABEL_COALITION,
     LABEL_STEP,
     PREPARE,
+    BatchItem,
     JobRequest,
+    coalition_request,
+    parse_batch,
 )
 
 QUEUED, RUNNING, SUCCEEDED, FAILED = JobState
@@ -73,22 +78,28 @@ def job_state(job: Mapping[str, Any]) -> tuple[str, str, str]:
     return (RUNNING if running else QUEUED), "", ""
 
 
-def job_view(job: Mapping[str, Any]) -> JobView | None:
-    """A JobView of one of our Jobs (None for a Job without our labels)."""
+def job_views(job: Mapping[str, Any]) -> list[JobView]:
+    """The JobViews of one of our Jobs: one per coalition it evaluates (a packed Job has several; they share its
+    state), one for prepare, none for a Job without our labels."""
     meta = job.get("metadata") or {}
     lab = meta.get("labels") or {}
+    annotations = meta.get("annotations") or {}
     step = lab.get(LABEL_STEP)
     if step not in (PREPARE, COALITION):
-        return None
+        return []
     try:
         attempt = int(lab.get(LABEL_ATTEMPT, "1"))
     except ValueError:
-        return None
+        return []
     state, reason, message = job_state(job)
+    name, created = meta.get("name", ""), meta.get("creationTimestamp", "")
+    suspended = bool((job.get("spec") or {}).get("suspend"))
+    if step == COALITION and ANNOTATION_BATCH in annotations:
+        return [JobView(name, step, i.cid, i.attempt, state, reason, message, created,
+                        ",".join(map(str, i.members)), suspended) for i in parse_batch(annotations[ANNOTATION_BATCH])]
     key = PREPARE if step == PREPARE else lab.get(LABEL_COALITION, "")
-    return JobView(meta.get("name", ""), step, key, attempt, state, reason, message,
-                   meta.get("creationTimestamp", ""), (meta.get("annotations") or {}).get(ANNOTATION_MEMBERS, ""),
-                   bool((job.get("spec") or {}).get("suspend")))
+    return [JobView(name, step, key, attempt, state, reason, message, created, annotations.get(ANNOTATION_MEMBERS, ""),
+                    suspended)]
 
 
 @dataclass
@@ -102,6 +113,8 @@ class StoreView:
     replicates: dict[str, list[float]] = field(default_factory=dict)  # coalition id -> replicate-seed utilities
     created: dict[str, dict[int, float]] = field(default_factory=dict)  # key -> {attempt: when its Job was created}
     messages: dict[str, dict[int, str]] = field(default_factory=dict)  # key -> {attempt: failure message}
+    created_batches: dict[str, dict[int, str]] = field(default_factory=dict)  # coalition -> {attempt: its batch}
+    prepare_result: dict[str, Any] = field(default_factory=dict)  # prepare/result.json: sizes packs
 
 
 @dataclass(frozen=True)
@@ -221,6 +234,26 @@ def _describe(key: str, a: _Attempts | None, names: str | None = None) -> str:
     return f"{who} failed {len(a.failed)} time(s), last: {reason}{': ' + message if message else ''}"
 
 
+def coalition_jobs(start: list[Coalition], attempts: Mapping[str, int],
+                   created_batches: Mapping[str, Mapping[int, str]], pack: int) -> list[JobRequest]:
+    """The Jobs of the coalitions to start. One whose attempt was created in a packed Job that no pass has seen
+    yet is asked for in that same Job again (its name, so a 409 if it exists); a retry runs alone (a coalition
+    that breaks its pack then fails alone); the rest go in batches of up to ``pack``, in plan order."""
+    again: dict[str, list[BatchItem]] = {}
+    retries: list[list[BatchItem]] = []
+    fresh: list[BatchItem] = []
+    for c in start:
+        item = BatchItem(c.id, c.members, attempts[c.id])
+        recorded = created_batches.get(c.id, {}).get(item.attempt)
+        if recorded:
+            again[recorded] = parse_batch(recorded)
+        elif item.attempt > 1:
+            retries.append([item])
+        else:
+            fresh.append(item)
+    return [coalition_request(items) for items in (*again.values(), *retries, *batches(fresh, pack))]
+
+
 def decide(
     run: ValuationRun,
     jobs: list[JobView],
@@ -288,16 +321,17 @@ def decide(
     def stored(cid: str) -> tuple[float, Any] | None:
         return (store.utilities[cid], store.replicates.get(cid, ())) if cid in store.utilities else None
 
-    walked = walk(planner, ids, run.config_hash(), ex.parallelism, stored, missing)
+    pack = coalitions_per_job(run, store.prepare_result, quantity_bytes(ex.resources.memory))
+    walked = walk(planner, ids, run.config_hash(), ex.parallelism * pack, stored, missing)
     if not suspended:
-        plan.create += [JobRequest(COALITION, next_attempt[c.id], c.id, c.members) for c in walked.start]
+        plan.create += coalition_jobs(walked.start, next_attempt, store.created_batches, pack)
     exhausted = walked.exhausted
 
     # a Job whose coalition has its result already (a pod slow to exit) does not hold the run
     active = [j for j in jobs if j.step == COALITION and j.state in ACTIVE and j.key not in store.utilities]
     plan.counts.succeeded = len(store.utilities)
     plan.counts.running = sum(j.state == RUNNING for j in active)
-    plan.counts.queued = sum(j.state == QUEUED for j in active) + len(plan.create)
+    plan.counts.queued = sum(j.state == QUEUED for j in active) + sum(len(r.items) for r in plan.create)
     plan.counts.failed = len(plan.failed_for_good)
 
     if len(plan.failed_for_good) > ex.max_failed_coalitions:
@@ -308,7 +342,7 @@ def decide(
                         f"{ex.max_attempts_per_coalition} attempt(s), more than execution.maxFailedCoalitions="
                         f"{ex.max_failed_coalitions}: {listed}{more}")
         plan.create = []
-        plan.delete = [j.name for j in active]
+        plan.delete = sorted({j.name for j in active})
         return plan, planner
     if exhausted and not active and not plan.create:
         plan.phase, plan.done = Phase.SUCCEEDED, True

@@ -38,7 +38,9 @@ class RunMemory:
     replicates: dict[str, list[float]] = field(default_factory=dict)
     failures: dict[str, dict[int, str]] = field(default_factory=dict)
     created: dict[str, dict[int, float]] = field(default_factory=dict)
+    created_batches: dict[str, dict[int, str]] = field(default_factory=dict)  # coalition -> {attempt: its batch}
     messages: dict[str, dict[int, str]] = field(default_factory=dict)
+    prepare_result: dict[str, Any] = field(default_factory=dict)
     coalition_seconds: list[float] = field(default_factory=list)
     running_seen: set[str] = field(default_factory=set)
     failed_counted: set[str] = field(default_factory=set)
@@ -77,18 +79,21 @@ def _parse_markers(store: Storage, keys: list[str], memory: RunMemory, finished:
             memory.messages.setdefault(owner, {})[attempt] = str(doc.get("message", ""))[:2000]
         else:
             memory.created.setdefault(owner, {})[attempt] = float(doc.get("time", 0.0))
+            if doc.get("batch"):
+                memory.created_batches.setdefault(owner, {})[attempt] = str(doc["batch"])
 
 
-def read_store(store: Storage, memory: RunMemory) -> tuple[StoreView, dict[str, dict[str, float]]]:
-    """The StoreView of a run, and the stage seconds of results that appeared since the last call."""
+def read_store(store: Storage, memory: RunMemory) -> tuple[StoreView, dict[str, dict[str, Any]]]:
+    """The StoreView of a run, and the results (result.json) that appeared since the last call."""
     if not memory.prepared:
         keys = store.list(layout.PREPARE_STEP)
         finished = {layout.PREPARE_STEP} if layout.PREPARE_RESULT in keys else set()
         _parse_markers(store, keys, memory, finished)
         if store.exists(layout.PREPARE_RESULT):
             memory.contributors = read_json(store, layout.MANIFEST)["contributors"]
+            memory.prepare_result = read_json(store, layout.PREPARE_RESULT)
             memory.prepared = True
-    fresh: dict[str, dict[str, float]] = {}
+    fresh: dict[str, dict[str, Any]] = {}
     if memory.prepared:
         keys = store.list("coalitions")
         results = {cid: k for k in keys if (cid := layout.parse_coalition_result(k)) is not None}
@@ -103,12 +108,14 @@ def read_store(store: Storage, memory: RunMemory) -> tuple[StoreView, dict[str, 
                 if "total" in seconds:
                     memory.coalition_seconds.append(float(seconds["total"]))
                 if memory.listed_once:
-                    fresh[cid] = seconds
+                    fresh[cid] = doc
         memory.listed_once = True
     view = StoreView(memory.prepared, memory.contributors, dict(memory.utilities),
                      replicates=dict(memory.replicates), failures={k: dict(v) for k, v in memory.failures.items()},
                      created={k: dict(v) for k, v in memory.created.items()},
-                     messages={k: dict(v) for k, v in memory.messages.items()})
+                     messages={k: dict(v) for k, v in memory.messages.items()},
+                     created_batches={k: dict(v) for k, v in memory.created_batches.items()},
+                     prepare_result=dict(memory.prepare_result))
     return view, fresh
 
 
@@ -118,6 +125,10 @@ def record_failure(store: Storage, key: str, attempt: int, reason: str, message:
     return write_json(store, failure_key(key, attempt), doc, if_absent=True)
 
 
-def record_created(store: Storage, key: str, attempt: int, job: str) -> None:
-    """Write the created marker of an attempt (kept if there: the first creation time counts)."""
-    write_json(store, created_key(key, attempt), {"job": job, "time": time.time()}, if_absent=True)
+def record_created(store: Storage, key: str, attempt: int, job: str, batch: str = "") -> None:
+    """Write the created marker of an attempt (kept if there: the first creation time counts); a coalition of a
+    packed Job records its batch, so a pass that does not see the Job yet asks for the same one again."""
+    doc: dict[str, Any] = {"job": job, "time": time.time()}
+    if batch:
+        doc["batch"] = batch
+    write_json(store, created_key(key, attempt), doc, if_absent=True)

@@ -49,6 +49,7 @@ CONTRACT: dict[str, tuple[str, tuple[str, ...]]] = {
     "datacredit_run_top_value": ("gauge", ("namespace", "name", "rank", "contributor")),
     "datacredit_run_max_stderr": ("gauge", ("namespace", "name")),
     "datacredit_run_last_success_timestamp_seconds": ("gauge", ("namespace", "name")),
+    "datacredit_run_device_seconds_total": ("counter", ("namespace", "name")),
     "datacredit_coalition_attempts_total": ("counter", ("namespace", "reason")),
     "datacredit_coalitions_completed_total": ("counter", ("namespace", "result")),
     "datacredit_reconcile_total": ("counter", ("result",)),

@@ -185,7 +185,7 @@ def _manifest(tiny: TinyData, s3: S3Server, name: str, estimator: str = "kernel"
                "credentialsSecret": "s3-creds"}
     doc = tiny_manifest(name, str(tiny.images), str(tiny.reference), storage, estimator=estimator, budget=budget)
     doc["metadata"]["namespace"] = NS
-    doc["spec"]["execution"].update(execution)
+    doc["spec"]["execution"].update({"coalitionsPerJob": 1, **execution})  # one Job per coalition unless asked
     return doc
 
 
@@ -245,7 +245,7 @@ def _delete(api: client.ApiClient, name: str) -> None:
 def test_run_succeeds_with_local_values_columns_and_cleanup(
     api: client.ApiClient, operator: Operator, s3_server: S3Server, tiny_data: TinyData, tmp_path: Path,
 ) -> None:
-    doc = _manifest(tiny_data, s3_server, "tiny-kernel", estimator="kernel", budget=8)
+    doc = _manifest(tiny_data, s3_server, "tiny-kernel", estimator="kernel", budget=8, coalitionsPerJob=4)  # packed
     # paid when it succeeds; pro-rata (by image count) pays whatever the signs of this tiny run's values, which
     # can all be <= 0 (the rules on values are tested in test_payout.py and test_status_payout.py)
     doc["spec"]["payout"] = {"pool": "1000.00", "currency": "EUR", "period": "2025-06", "rule": "pro-rata"}
@@ -331,11 +331,24 @@ def test_run_succeeds_with_local_values_columns_and_cleanup(
     text = operator.metrics().decode()
     assert 'datacredit_run_progress_ratio{name="tiny-kernel",namespace="vrun-e2e"} 1.0' in text
     assert 'datacredit_coalitions{name="tiny-kernel",namespace="vrun-e2e",phase="Succeeded"} 8.0' in text
+    device = [line for line in text.splitlines()
+              if line.startswith('datacredit_run_device_seconds_total{name="tiny-kernel"')]
+    assert device and float(device[0].split()[-1]) > 0, device
 
     # (5) deleting the run deletes its Jobs (ownerReferences + the garbage collector) and its series
     uid = run["metadata"]["uid"]
     jobs = _jobs(api, uid)
-    assert len(jobs) == 9, [j.metadata.name for j in jobs]  # prepare + 8 coalitions, none twice
+    evaluated = []  # coalition ids, per Job: a packed one lists its coalitions, another names its one
+    for j in jobs:
+        batch = (j.metadata.annotations or {}).get("datacredit.dev/batch")
+        if batch:
+            evaluated += [part.split(":")[0] for part in batch.split(";")]
+        elif j.metadata.labels["datacredit.dev/step"] == "coalition":
+            evaluated.append(j.metadata.labels["datacredit.dev/coalition"])
+    assert len(evaluated) == len(set(evaluated)) == 8, evaluated  # every coalition in one Job, none twice
+    assert len(jobs) < 9, [j.metadata.name for j in jobs]  # coalitionsPerJob=4: fewer Jobs than coalitions
+    results = [read_json(store, layout.coalition_result(c)) for c in evaluated]
+    assert max(r["packedWith"] for r in results) > 1 and all(r["deviceSeconds"] > 0 for r in results)
     _delete(api, "tiny-kernel")
     wait_until(lambda: not _jobs(api, uid), "garbage collection of the run's Jobs", 120)
     wait_until(lambda: b'name="tiny-kernel"' not in operator.metrics(), "metric series removed", 30)

@@ -12,7 +12,7 @@ import pytest
 from datacredit import layout
 from datacredit.ids import coalition_id
 from datacredit.operator import handlers
-from datacredit.operator.reconcile import job_view
+from datacredit.operator.reconcile import job_views
 from datacredit.storage import open_storage, read_json, write_json
 
 UID = "0a1b2c3d-4e5f-6789-abcd-ef0123456789"
@@ -56,7 +56,7 @@ def env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> dict[str, Any]:
 def _tick(env: dict[str, Any], status: dict[str, Any], jobs: list[dict[str, Any]]) -> dict[str, Any]:
     body = kopf.Body({**env["body"], "status": status})
     patch = kopf.Patch()
-    views = [v for v in map(job_view, jobs) if v]
+    views = [v for j in jobs for v in job_views(j)]
     handlers._reconcile(body, dict(body["metadata"]), status, UID, "r", "ns", patch, views,
                         handlers._remember(UID))
     return {**status, **dict(patch.get("status", {}))}

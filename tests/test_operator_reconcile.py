@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 
 from datacredit.ids import coalition_id
+from datacredit.operator.batch import batch_annotation, worker_args
 from datacredit.operator.planners import PlannerCache
-from datacredit.operator.reconcile import JobView, StoreView, decide, job_state, job_view
+from datacredit.operator.reconcile import JobView, StoreView, decide, job_state, job_views
 from datacredit.operator.status import StatusEstimate, build_status, set_condition
+from datacredit.packing import MAX_PACK, coalitions_per_job, quantity_bytes
 from datacredit.spec import parse_manifest
 
 N = 3
@@ -90,11 +92,18 @@ def test_job_state_from_conditions() -> None:
     assert job_state(j([], active=1, ready=1))[0] == "Running"
     assert job_state(j([], active=1, ready=0))[0] == "Queued"
     assert job_state({"spec": {"suspend": True}, "status": {}})[0] == "Queued"  # Kueue: queued, not failed
-    view = job_view({"metadata": {"name": "x", "labels": {"datacredit.dev/step": "coalition",
-                                                          "datacredit.dev/coalition": "c1",
-                                                          "datacredit.dev/attempt": "2"}}, "status": {}})
-    assert view is not None and (view.key, view.attempt, view.state) == ("c1", 2, "Queued")
-    assert job_view({"metadata": {"name": "other"}}) is None
+    [view] = job_views({"metadata": {"name": "x", "labels": {"datacredit.dev/step": "coalition",
+                                                             "datacredit.dev/coalition": "c1",
+                                                             "datacredit.dev/attempt": "2"}}, "status": {}})
+    assert (view.key, view.attempt, view.state) == ("c1", 2, "Queued")
+    assert job_views({"metadata": {"name": "other"}}) == []
+    # a packed Job: one view per coalition, each with its own attempt, all in the Job's state
+    labels = {"datacredit.dev/step": "coalition", "datacredit.dev/coalition": "b1", "datacredit.dev/attempt": "2"}
+    packed = job_views({"metadata": {"name": "p", "labels": labels,
+                                     "annotations": {"datacredit.dev/batch": "c1:0,2:1;c2::2"}},
+                        "status": {"active": 1, "ready": 1}})
+    assert [(v.key, v.attempt, v.members, v.state, v.name) for v in packed] == [
+        ("c1", 1, "0,2", "Running", "p"), ("c2", 2, "", "Running", "p")]
 
 
 def test_prepare_first_then_retry_then_fail() -> None:
@@ -387,3 +396,48 @@ def test_status_stays_small_with_very_long_contributor_names() -> None:
     shown = [row["contributor"] for row in status["top"]]
     assert all(len(s) <= 63 for s in shown) and len(set(shown)) == len(shown) == 10
     assert status["topContributor"] == shown[0] and shown[0].startswith("studio studio")
+
+
+def test_packed_jobs_count_coalitions_and_retry_only_the_missing_ones_alone() -> None:
+    packed = _run(coalitionsPerJob=3)  # parallelism 2: up to 2 Jobs of 3 coalitions in flight
+    ids = [cid(i, packed) for i in range(8)]
+    plan, _ = decide(packed, [], prepared(), ScriptedPlanner)
+    assert [[i.cid for i in r.items] for r in plan.create] == [ids[0:3], ids[3:6]]
+    assert plan.counts.queued == 6 and all(r.key.startswith("b") for r in plan.create)
+    first = plan.create[0]
+    assert "--members" in worker_args(packed, "s3://b/runs/r", first)
+    assert worker_args(packed, "s3://b/runs/r", first).count("--members") == 3
+
+    def view(request: Any, state: str, reason: str = "") -> list[JobView]:
+        return [JobView(f"r-{request.key}-a{request.attempt}", "coalition", i.cid, i.attempt, state, reason,
+                        "boom" if reason else "", "", ",".join(map(str, i.members))) for i in request.items]
+
+    # the first Job failed after storing coalition 1; the second runs: 0 and 2 are retried, each alone
+    jobs = view(plan.create[0], "Failed", "PodFailed") + view(plan.create[1], "Running")
+    store = StoreView(True, CONTRIBUTORS, {ids[1]: 1.0})
+    again, _ = decide(packed, jobs, store, ScriptedPlanner)
+    retried = [r for r in again.create if r.attempt == 2]
+    assert sorted(r.cid for r in retried) == sorted([ids[0], ids[2]])  # one Job each
+    assert [[i.cid for i in r.items] for r in again.create if r.attempt == 1] == [[ids[6]]]  # the free slot
+    assert {f.key for f in again.record} == {ids[0], ids[2]}  # the stored one did not fail
+    assert (again.counts.running, again.counts.succeeded) == (3, 1)
+
+    # a packed Job created in an earlier pass but not in the index yet is asked for again under its own name
+    created = {i.cid: {1: 100.0} for i in first.items}
+    batches = {i.cid: {1: batch_annotation(first.items)} for i in first.items}
+    plan2, _ = decide(packed, view(plan.create[1], "Running"), prepared(created=created, created_batches=batches),
+                      ScriptedPlanner, now=110.0)
+    assert plan2.create[0].key == first.key and plan2.create[0].items == first.items
+
+
+def test_pack_size_follows_model_size_and_memory() -> None:
+    prepared_result = {"paramsPruned": 20_000_000, "resolution": 32}
+    small = coalitions_per_job(_run(), {"paramsPruned": 400_000, "resolution": 8}, quantity_bytes("32Gi"))
+    big = coalitions_per_job(_run(), prepared_result, quantity_bytes("32Gi"))
+    tight = coalitions_per_job(_run(), prepared_result, quantity_bytes("2Gi"))
+    assert small == MAX_PACK and 1 <= tight < big <= MAX_PACK
+    assert coalitions_per_job(_run(coalitionsPerJob=5), prepared_result, 1) == 5  # the manifest's wins
+    assert coalitions_per_job(_run(), {}, quantity_bytes("32Gi")) == 1  # nothing known: no packing
+    assert quantity_bytes("512Mi") == 512 * 2**20 and quantity_bytes("1e9") == 10**9
+    with pytest.raises(ValueError, match="memory quantity"):
+        quantity_bytes("lots")
