@@ -102,6 +102,7 @@ def _results(store) -> dict[str, int]:
 @pytest.mark.workload
 def test_ctrl_c_leaves_a_run_that_resumes(tiny_data: TinyData, tmp_path: Path) -> None:
     doc = tiny_manifest("tiny-interrupt", str(tiny_data.images), str(tiny_data.reference), {"uri": str(tmp_path)})
+    doc["spec"]["execution"]["coalitionsPerJob"] = 4  # packs of 4: results arrive 4 at a time, Ctrl-C between them
     manifest = tmp_path / "run.yaml"
     manifest.write_text(yaml.safe_dump(doc))
     store = open_run(parse_manifest(doc)).store
