@@ -374,9 +374,9 @@ class ExecutionSpec(_Model):
                                   "(one Job per batch). Unset: chosen from the pruned model's size and "
                                   "resources.memory (datacredit/packing.py); 1 turns packing off.")] = None
     precision: Annotated[Literal["fp32", "bf16"], Field(
-        description="bf16: packed coalitions run the UNet under bf16 autocast on CUDA (faster; values move "
-                    "within bf16 rounding). CPU always runs fp32.")] = "fp32"
-    compile: Annotated[bool, Field(description="torch.compile the packed UNet on CUDA (pays off for long runs).")] \
+        description="bf16: packed coalitions run the UNet under bf16 autocast (faster on GPUs, slower on most CPUs; "
+                    "values move within bf16 rounding).")] = "fp32"
+    compile: Annotated[bool, Field(description="torch.compile the packed UNet (pays off for long runs on GPUs).")] \
         = False
     max_attempts_per_coalition: Annotated[int, Field(ge=1, le=20)] = 3
     max_failed_coalitions: Annotated[

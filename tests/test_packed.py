@@ -146,3 +146,20 @@ def test_worker_batch_writes_each_result_and_skips_stored(ddpm_run: str, tmp_pat
     bad.append([0, 9])
     with pytest.raises(Exception, match="indices must be distinct"):
         run_coalitions(fresh, bad)
+
+
+def test_bf16_pack_stays_close_to_fp32(ddpm_run: str) -> None:
+    """execution.precision: bf16 autocasts the packed UNet (on CPU here): values move within bf16 rounding."""
+    from datacredit.jobs.packed import PackItem, PackOptions, finetune_and_sample_packed
+
+    p = prepared_run(ddpm_run, S3Options())
+    sparsified, data = p.state
+    items = [PackItem(data.images[torch.from_numpy(m)], s.data, s.noise)
+             for m, s in zip(_masks(p.owner)[:2], _seeds()[:2], strict=True)]
+    base = {"steps": 4, "lr": 1e-3, "batch_size": 16, "n_samples": 16, "ddim_steps": 4}
+    fp32, _ = finetune_and_sample_packed(sparsified, items, PackOptions(**base))
+    bf16, _ = finetune_and_sample_packed(sparsified, items, PackOptions(**base, bf16=True))
+    for a, b in zip(fp32, bf16, strict=True):
+        assert b.dtype == torch.float32 and torch.isfinite(b).all()
+        gap = float((a - b).abs().mean())
+        assert 0 < gap < 0.05, gap  # not the fp32 program, and not far from it
