@@ -163,3 +163,31 @@ def test_bf16_pack_stays_close_to_fp32(ddpm_run: str) -> None:
         assert b.dtype == torch.float32 and torch.isfinite(b).all()
         gap = float((a - b).abs().mean())
         assert 0 < gap < 0.05, gap  # not the fp32 program, and not far from it
+
+
+def test_a_pack_that_fails_keeps_what_it_stored_and_retries_the_rest_alone(tiny_data: TinyData, tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    from datacredit.local import execute
+    from datacredit.runstate import open_run
+
+    folder = Path(__file__).parent / "properties"
+    monkeypatch.syspath_prepend(str(folder))
+    monkeypatch.setenv("PYTHONPATH", str(folder))  # the spawned worker imports it too
+    doc = tiny_manifest("flaky-pack", str(tiny_data.images), str(tiny_data.reference), {"uri": str(tmp_path / "r")})
+    spec = doc["spec"]
+    spec["property"] = {"name": "flaky:fails_once", "samples": 8,
+                        "options": {"counter": str(tmp_path / "calls"), "fail_at": "3"}}
+    spec["estimator"]["replicates"] = {"coalitions": 0, "seeds": 0}
+    spec["execution"].update({"coalitionsPerJob": 6, "maxAttemptsPerCoalition": 2})
+    run = parse_manifest(doc)
+    execute(run, workers=1)  # one worker: the calls are counted in order
+    store = open_run(run).store
+    results = [read_json(store, k) for k in store.list(layout.COALITIONS) if k.endswith("/result.json")]
+    assert len(results) == 16
+    first_pack = [r for r in results if r["attempt"] == 1 and r["packedWith"] == 6]
+    retried = [r for r in results if r["attempt"] == 2]
+    # call 3 failed the first pack after it stored 2 coalitions: those are kept, its other 4 ran again, alone
+    assert len(retried) == 4 and {r["packedWith"] for r in retried} == {1}, [(r["attempt"], r["packedWith"])
+                                                                             for r in results]
+    assert len(first_pack) == 2 + 6  # the two it stored, and the second pack of 6
+    assert [r["packedWith"] for r in results if r["attempt"] == 1 and r not in first_pack] == [4] * 4  # the last
