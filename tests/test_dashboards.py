@@ -210,7 +210,10 @@ class OperatorMetrics:
         seconds = {"finetune": 40.0, "sample": 20.0, "property": 5.0, "total": 65.0}
         for result, count in (("succeeded", 7), ("failed", 3)):
             for _ in range(count):
-                self.metrics.completed("obs", result, seconds if result == "succeeded" else None)
+                if result == "succeeded":
+                    self.metrics.completed("obs", result, seconds, device_seconds=65.0, name="digits")
+                else:
+                    self.metrics.completed("obs", result)
         for reason in ("Started", "Retried", "PodFailed", "JobLost"):
             self.metrics.attempt("obs", reason)
         self.metrics.queue_wait(12.0)
