@@ -30,7 +30,7 @@ install: $(VENV)/.installed ## create the cached virtualenv and install datacred
 binaries: ## build etcd, kube-apiserver, kube-controller-manager, MinIO, helm, prometheus (cached)
 	bash hack/build-binaries.sh
 
-demo: install ## value 6 digit contributors (3 planted bad) exactly on CPU, 5-7 minutes on 2 cores
+demo: install ## value 6 digit contributors (3 planted bad) exactly on CPU, 4-7 minutes on 2 cores
 	$(VENV)/bin/datacredit demo
 
 demo-quick: install ## the same at toy size, about a minute

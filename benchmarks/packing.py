@@ -137,8 +137,8 @@ def cuda_section(k: int, steps: int) -> dict[str, Any]:
     import torch
 
     if not torch.cuda.is_available():
-        return {"run": False, "why": "no CUDA device on this machine; the packed path's bf16 autocast is tested on "
-                                     "CPU (tests/test_packed.py), torch.compile and CUDA were not run"}
+        return {"run": False, "why": "no CUDA device on this machine; the packed path's bf16 autocast and "
+                                     "torch.compile are tested on CPU (tests/test_packed.py), CUDA was not run"}
     from datacredit.jobs.packed import PackItem, PackOptions, finetune_and_sample_packed
     from datacredit.jobs.pipeline import finetune_and_sample
     from datacredit.jobs.prune import prune_unet

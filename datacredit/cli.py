@@ -388,7 +388,7 @@ def demo(
     """Value 6 contributors of handwritten digits (3 planted bad) for image quality, exactly, on CPU.
 
     Three contributors hold real digits; `noise` holds uniform noise, `blank` near-blank images and
-    `duplicate` one digit copied many times. They should rank last. 5-7 minutes on 2 cores; `--quick`
+    `duplicate` one digit copied many times. They should rank last. 4-7 minutes on 2 cores; `--quick`
     values 4 contributors at toy size in about a minute.
     """
     from .demo import build_demo
