@@ -477,9 +477,9 @@ def calibrate(
         raise typer.Exit(EXIT_BAD_INPUT)
     from . import layout
     from .errors import BadInput
-    from .jobs.calibrate import CalibrationSettings, recommendation_text, report_table
+    from .jobs.calibrate import CALIBRATED_FAMILIES, CalibrationSettings, recommendation_text, report_table
     from .jobs.calibrate import calibrate as run_calibration
-    from .jobs.evaluate import SUPPORTED_FAMILIES, EvaluationError
+    from .jobs.evaluate import EvaluationError
     from .runstate import open_run
     from .storage import StorageError, open_storage, read_json, write_json
 
@@ -487,10 +487,10 @@ def calibrate(
     uri = target
     if Path(target).is_file():
         vr = _load(Path(target))
-        if vr.spec.model.family not in SUPPORTED_FAMILIES:
+        if vr.spec.model.family not in CALIBRATED_FAMILIES:
             family = escape(repr(vr.spec.model.family))
             err.print(f"[red]cannot calibrate:[/] spec.model.family {family} is not supported yet "
-                      f"(supported: {', '.join(SUPPORTED_FAMILIES)})")
+                      f"(supported: {', '.join(CALIBRATED_FAMILIES)})")
             raise typer.Exit(EXIT_BAD_INPUT)
         ref = open_run(vr)
         uri, options = ref.uri, ref.options

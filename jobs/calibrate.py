@@ -42,6 +42,7 @@ from .pipeline import finetune_and_sample, prepare_sparsified
 from .train import Checkpoint
 from .worker import load_run, local_copy
 
+CALIBRATED_FAMILIES = ("ddpm",)  # the families `datacredit calibrate` sweeps
 CALIBRATION_SIZES = (0.25, 0.5, 0.75)  # the LDS alphas of `datacredit evaluate`: its test coalitions come first
 
 
@@ -107,7 +108,7 @@ class Sweep:
         task = self.progress.add_task(f"prune at ratio {ratio:g} + fine-tune on all data", total=1) \
             if self.progress else None
         t0 = time.perf_counter()
-        prepared = prepare_sparsified(self.gt.data.images, full=self.gt.full_model(),
+        prepared = prepare_sparsified(self.gt.train, full=self.gt.full_model(),
                                       batch_size=s.model.train.batch_size, prune_ratio=ratio,
                                       importance=s.method.prune.importance,
                                       finetune_steps=s.method.prune.finetune_steps,
@@ -216,6 +217,9 @@ def calibrate(run_uri: str, settings: CalibrationSettings, *, options: S3Options
                TextColumn("eta"), TimeRemainingColumn()]
     with progress_for(console, *columns) as bar:  # plain lines when not a terminal
         gt = GroundTruth(run_uri, options, bar)
+        if gt.family not in CALIBRATED_FAMILIES:  # its sweep fine-tunes and samples in pixel space
+            raise EvaluationError(f"calibrate: not supported yet for family {gt.family!r} (supported: "
+                                  f"{', '.join(CALIBRATED_FAMILIES)})")
         run, manifest = gt.p.run, gt.p.manifest
         n = len(manifest["contributors"])
         coalitions = calibration_coalitions(n, settings.coalitions, run.spec.seed)

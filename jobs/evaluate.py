@@ -17,6 +17,7 @@ ranking needs no compute, and its counterfactual would cost retrains of its own)
 
 from __future__ import annotations
 
+import io
 import json
 import time
 from collections.abc import Callable
@@ -42,6 +43,7 @@ from datacredit.storage import S3Options, open_storage, read_json, write_json
 from .device import set_threads
 from .families import get_family
 from .families.ddpm import FULL_DIR, unet_arch
+from .families.ldm import decode, head_dim
 from .pipeline import finetune_and_sample
 from .properties.digits import ClassifierProperty
 from .sample import sample_ddim
@@ -55,7 +57,7 @@ BUDGET_RULE = ("equal counted work: forward passes of training (steps × batch, 
                "backward) and sampling (DDIM steps × samples), weighted by the parameters of the model they run on, in "
                "full-model forward passes; FT-Shapley and retrain Shapley take the plan's coalitions in order while "
                "their summed work stays within sparsified-FT's (pruned fine-tuning plus all its coalition evaluations)")
-SUPPORTED_FAMILIES = ("ddpm",)
+SUPPORTED_FAMILIES = ("ddpm", "ldm")
 BASELINES = ("loo", "ft-shapley", "retrain-shapley", "pixel", "embedding", "banzhaf", "datamodel", "d-trak")
 #: rankers without a counterfactual: they train nothing themselves, and it would retrain for them alone
 LDS_ONLY = (ev.PRO_RATA, ev.BANZHAF_RUN, ev.DATAMODEL_RUN)
@@ -90,10 +92,20 @@ class GroundTruth:
             raise EvaluationError(f"evaluate: not supported yet for family {family!r} (supported: "
                                   f"{', '.join(SUPPORTED_FAMILIES)})")
         self.p = prepared_run(run_uri, options)
+        self.family = family
         self.progress = progress
         self.trained = 0  # utilities computed (not reused) by this object
-        self.sparsified, self.data = self.p.state
         s = self.p.run.spec
+        self.images = _dataset_images(self.store)  # the contributors' images, in pixels
+        if family == "ldm":  # the UNets learn and sample VQ latents; samples are decoded before scoring
+            state = self.p.state
+            self.sparsified, self.train, self.clip_sample = state.sparsified, state.latents, False
+            self.decode: Callable[[torch.Tensor], torch.Tensor] = lambda z: decode(state.vq, z, state.channels)
+            self.arch = {**unet_arch(self.p.run), "attention_head_dim": head_dim(list(s.model.architecture
+                                                                                        .block_out_channels))}
+        else:
+            self.sparsified, data = self.p.state
+            self.train, self.clip_sample, self.decode, self.arch = data.images, True, lambda x: x, unet_arch(self.p.run)
         shared = {"samples": s.property.samples, "sampler": s.method.sampler.steps, "property": s.property.name,
                   "run": self.p.manifest["configHash"]}
         self.configs = {
@@ -103,7 +115,7 @@ class GroundTruth:
         }
         self.rows = {k: self._read(k) for k in ev.TRUTH_KINDS}
         self._full: Checkpoint | None = None
-        self._full_samples: torch.Tensor | None = None
+        self._full_generated: torch.Tensor | None = None
 
     def _read(self, kind: str) -> dict[str, ev.TruthRow]:
         key = ev.truth_file(kind)
@@ -130,8 +142,8 @@ class GroundTruth:
         return [r for r in out if r is not None]
 
     def images_of(self, members: tuple[int, ...]) -> torch.Tensor:
-        """The training images of ``members``."""
-        return self.data.images[torch.from_numpy(np.isin(self.p.owner, members))]
+        """What the UNet trains on for ``members``: their images (ddpm) or their images' latents (ldm)."""
+        return self.train[torch.from_numpy(np.isin(self.p.owner, members))]
 
     def score(self, samples: torch.Tensor, what: str) -> float:
         """The run's fitted property of ``samples``; a non-finite value is an error naming ``what``."""
@@ -145,12 +157,12 @@ class GroundTruth:
         s = self.p.run.spec
         t = s.model.train
         t0 = time.perf_counter()
-        images = self.data.images
         torch.manual_seed(seed)
-        model = build_unet(sample_size=images.shape[-1], in_channels=images.shape[1], **unet_arch(self.p.run))
+        model = build_unet(sample_size=self.train.shape[-1], in_channels=self.train.shape[1], **self.arch)
         result = train_ddpm(model, self.images_of(members), t.steps, t.learning_rate, t.batch_size, seed=seed)
-        samples = sample_ddim(result.inference_model, s.property.samples, s.method.sampler.steps, seed=seed)
-        return self.score(samples, f"retrained {list(members)}"), time.perf_counter() - t0
+        samples = sample_ddim(result.inference_model, s.property.samples, s.method.sampler.steps, seed=seed,
+                              clip_sample=self.clip_sample)
+        return self.score(self.decode(samples), f"retrained {list(members)}"), time.perf_counter() - t0
 
     def full_model(self) -> Checkpoint:
         """The unpruned full model prepare saved (``prepare/sparsified/full``)."""
@@ -162,13 +174,18 @@ class GroundTruth:
             self._full = Checkpoint.load(folder)
         return self._full
 
-    def full_samples(self) -> torch.Tensor:
-        """Samples of the unpruned full model (the run's sampler and seed), generated once."""
-        if self._full_samples is None:
+    def full_generated(self) -> torch.Tensor:
+        """Samples of the unpruned full model (the run's sampler and seed) where it works: images, or latents for
+        ldm; generated once."""
+        if self._full_generated is None:
             s = self.p.run.spec
-            self._full_samples = sample_ddim(self.full_model().inference_model, s.property.samples,
-                                             s.method.sampler.steps, seed=s.seed)
-        return self._full_samples
+            self._full_generated = sample_ddim(self.full_model().inference_model, s.property.samples,
+                                               s.method.sampler.steps, seed=s.seed, clip_sample=self.clip_sample)
+        return self._full_generated
+
+    def full_samples(self) -> torch.Tensor:
+        """The full model's samples as images."""
+        return self.decode(self.full_generated())
 
     def finetune_full(self, members: tuple[int, ...], seed: int) -> tuple[float, float]:
         """Utility and seconds of the unpruned full model fine-tuned on ``members`` (not stored)."""
@@ -178,8 +195,14 @@ class GroundTruth:
         samples, _, _ = finetune_and_sample(self.full_model(), self.images_of(members), steps=ft.steps,
                                             lr=ft.learning_rate, batch_size=ft.batch_size,
                                             n_samples=s.property.samples, ddim_steps=s.method.sampler.steps,
-                                            seed=seed)
-        return self.score(samples, f"fine-tuned full model on {list(members)}"), time.perf_counter() - t0
+                                            seed=seed, clip_sample=self.clip_sample)
+        return self.score(self.decode(samples), f"fine-tuned full model on {list(members)}"), time.perf_counter() - t0
+
+
+def _dataset_images(store: Any) -> torch.Tensor:
+    """The run's decoded training images (``prepare/dataset.npz``) as float in [-1, 1]."""
+    with np.load(io.BytesIO(store.read_bytes(layout.DATASET))) as z:
+        return torch.from_numpy(z["images"]).float().div(127.5).sub(1.0)
 
 
 def side_by_side(gt: GroundTruth, repeats: int = 3) -> dict[str, float]:
@@ -237,7 +260,7 @@ def _budgeted_shapley(gt: GroundTruth, kind: str, work: ev.WorkModel, budget: fl
 
 def _similarity(gt: GroundTruth, n: int, which: str) -> dict[str, np.ndarray]:
     """Pixel or embedding similarity (max and mean) of each contributor's images to the full model's samples."""
-    samples, train = gt.full_samples(), gt.data.images
+    samples, train = gt.full_samples(), gt.images
     if which == "embedding":
         if not isinstance(gt.p.prop, ClassifierProperty):
             return {}
@@ -251,12 +274,12 @@ def _similarity(gt: GroundTruth, n: int, which: str) -> dict[str, np.ndarray]:
 def _dtrak(gt: GroundTruth, n: int, settings: EvalSettings, work: ev.WorkModel) -> tuple[np.ndarray, dict[str, Any]]:
     """D-TRAK scores on the unpruned full model for its samples (:func:`datacredit.evaluation.trak_scores`), and
     their spend: counted work of one forward and backward pass per image and draw (no coalitions)."""
-    generated, model = gt.full_samples(), gt.full_model().inference_model
+    generated, model = gt.full_generated(), gt.full_model().inference_model  # ldm: in latent space
     t0 = time.perf_counter()
     kw = {"dim": settings.trak_dim, "timesteps": settings.trak_timesteps, "seed": gt.p.run.spec.seed}
-    scores = ev.trak_scores(dtrak_features(model, gt.data.images, **kw).numpy(),
+    scores = ev.trak_scores(dtrak_features(model, gt.train, **kw).numpy(),
                             dtrak_features(model, generated, **kw).numpy(), gt.p.owner, n, settings.trak_ridge)
-    spent = ev.pass_work(train_steps=settings.trak_timesteps, batch_size=len(gt.data.images) + len(generated),
+    spent = ev.pass_work(train_steps=settings.trak_timesteps, batch_size=len(gt.train) + len(generated),
                          sampler_steps=0, samples=0, params=work.params_full, params_full=work.params_full)
     return scores, {"coalitions": 0, "seconds": round(time.perf_counter() - t0, 1), "work": round(spent, 1)}
 

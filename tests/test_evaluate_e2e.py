@@ -105,9 +105,45 @@ def test_evaluate_refuses_other_families(tmp_path: Path) -> None:
     from datacredit.jobs.evaluate import EvalSettings, EvaluationError, evaluate
     from datacredit.storage import open_storage, write_json
 
-    manifest = tiny_manifest("tiny-ldm", "/nowhere", "/nowhere", {"uri": str(tmp_path)})
-    manifest["spec"]["model"].update(family="ldm", autoencoder=str(tmp_path))
+    manifest = tiny_manifest("tiny-sd", "/nowhere", "/nowhere", {"uri": str(tmp_path)})
+    manifest["spec"]["model"] = {"family": "sd-lora", "checkpoint": str(tmp_path), "prompt": "a digit"}
     store = open_storage(str(tmp_path / "run"))
     write_json(store, "run.json", {"manifest": parse_manifest(manifest).to_manifest()})
-    with pytest.raises(EvaluationError, match="not supported yet for family 'ldm'"):
+    with pytest.raises(EvaluationError, match="not supported yet for family 'sd-lora'"):
         evaluate(store.uri, EvalSettings())
+
+
+def test_evaluate_an_ldm_run_retrains_on_latents(tiny_data: TinyData, tmp_path: Path) -> None:
+    """ldm: retraining from scratch trains a UNet on the VQ latents of a subset; FT-Shapley fine-tunes the unpruned
+    latent UNet prepare saved; samples are decoded before the property scores them; D-TRAK works in latent space."""
+    from datacredit.jobs.evaluate import EvalSettings, GroundTruth, evaluate
+    from tests.tiny_models import save_tiny_vqmodel
+
+    vq = save_tiny_vqmodel(tmp_path / "vqvae")
+    manifest = tiny_manifest("tiny-ldm-eval", str(tiny_data.images), str(tiny_data.reference),
+                             {"uri": str(tmp_path / "runs")}, estimator="kernel", budget=8)
+    spec = manifest["spec"]
+    spec["model"] = {"family": "ldm", "autoencoder": str(vq), "architecture": {"sampleSize": 8,
+                     "blockOutChannels": [16, 32]}, "train": {"steps": 6, "learningRate": 2e-3, "batchSize": 16}}
+    spec["property"]["samples"] = 8
+    spec["method"] = {"prune": {"ratio": 0.5, "finetuneSteps": 3},
+                      "finetune": {"steps": 3, "learningRate": 1e-3, "batchSize": 8}, "sampler": {"steps": 3}}
+    run = parse_manifest(manifest)
+    execute(run)
+    ref = open_run(run)
+    settings = EvalSettings(alphas=(0.5,), subsets=3, seeds=1, fraction=0.25,
+                            baselines=("loo", "ft-shapley", "retrain-shapley", "pixel", "d-trak"), trak_dim=64,
+                            trak_timesteps=2)
+    seen: list[GroundTruth] = []
+    report = evaluate(ref.uri, settings, on_truth=seen.append)
+    gt = seen[0]
+    assert gt.train.shape[1:] == (3, 8, 8) and gt.images.shape[1:] == (1, 16, 16)  # latents; 16 px images
+    assert gt.full_generated().shape[1:] == (3, 8, 8) and gt.full_samples().shape[1:] == (1, 16, 16)
+    assert report["retrainedNow"] > 0 and {"sparsified-FT Shapley", "LOO (retrain)", "FT-Shapley", "pixel-max",
+                                           ev.DTRAK} <= set(report["lds"])
+    n = len(CONTRIBUTORS)
+    for name in ("LOO (retrain)", "FT-Shapley", ev.DTRAK):
+        assert len(report["values"][name]) == n and np.isfinite(report["values"][name]).all(), name
+    rows = list(gt.rows["retrain"].values())
+    assert rows and all(np.isfinite(r.utility) for r in rows)
+    assert len({round(r.utility, 6) for r in rows}) > 1  # subsets trained on different latents score differently

@@ -27,7 +27,7 @@ from datacredit.spec import ValuationRun
 from ..device import pick_device
 from ..train import Checkpoint
 from .base import Assets, TrainData
-from .ddpm import load_full_unet, sparsify, unet_coalition, unet_coalitions
+from .ddpm import FULL_DIR, load_full_unet, sparsify, unet_coalition, unet_coalitions
 
 LATENTS = "latents.npy"  # (N, latent_channels, h, w) float32, in the order of prepare/dataset.npz
 AUTOENCODER = "autoencoder.json"  # the VQModel's URI and config the latents were encoded with
@@ -171,6 +171,7 @@ class LDMFamily:
         heads = check_heads(prepared.sparsified.model)
         out_dir.mkdir(parents=True, exist_ok=True)
         prepared.sparsified.save(out_dir)
+        prepared.full.save(out_dir / FULL_DIR)  # the unpruned UNet: `datacredit evaluate` fine-tunes it
         np.save(out_dir / LATENTS, latents.numpy())
         (out_dir / AUTOENCODER).write_text(json.dumps(
             {"uri": uri, "config": config, "scaling_factor": 1.0, "latent_shape": list(latents.shape[1:])},
