@@ -7,7 +7,6 @@ the pruned model's size and the worker's memory with the estimate below, capped 
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
@@ -19,16 +18,6 @@ MAX_PACK = 16  # beyond this a pack gains little and a failure costs more coalit
 BYTES_PER_PARAM = 24  # fp32 weights, gradient, Adam's two moments, the EMA and the sampling copy: 6 x 4 bytes
 ACTIVATION_BYTES = 96  # per image pixel and channel of the widths: fp32, about 24 tensors kept for backward
 MEMORY_SHARE = 0.5  # of the worker's memory, packs may plan to use
-_UNITS = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30,
-          "Ti": 2**40}
-
-
-def quantity_bytes(quantity: str) -> int:
-    """A Kubernetes memory quantity (``32Gi``, ``512M``, ``1e9``) in bytes."""
-    m = re.fullmatch(r"([0-9.]+(?:e[0-9]+)?)([kMGT]i?)?", quantity.strip())
-    if m is None:
-        raise ValueError(f"not a memory quantity: {quantity!r} (for example 32Gi)")
-    return int(float(m.group(1)) * _UNITS[m.group(2) or ""])
 
 
 def pack_bytes(params: int, batch_size: int, pixels: int, widths: int) -> int:

@@ -96,15 +96,16 @@ class GroundTruth:
         self.progress = progress
         self.trained = 0  # utilities computed (not reused) by this object
         s = self.p.run.spec
-        self.images = _dataset_images(self.store)  # the contributors' images, in pixels
         if family == "ldm":  # the UNets learn and sample VQ latents; samples are decoded before scoring
             state = self.p.state
+            self.images = _dataset_images(self.store)  # the contributors' images, in pixels (not in the state)
             self.sparsified, self.train, self.clip_sample = state.sparsified, state.latents, False
             self.decode: Callable[[torch.Tensor], torch.Tensor] = lambda z: decode(state.vq, z, state.channels)
             self.arch = {**unet_arch(self.p.run), "attention_head_dim": head_dim(list(s.model.architecture
                                                                                         .block_out_channels))}
         else:
             self.sparsified, data = self.p.state
+            self.images = data.images
             self.train, self.clip_sample, self.decode, self.arch = data.images, True, lambda x: x, unet_arch(self.p.run)
         shared = {"samples": s.property.samples, "sampler": s.method.sampler.steps, "property": s.property.name,
                   "run": self.p.manifest["configHash"]}

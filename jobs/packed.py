@@ -27,7 +27,7 @@ from diffusers.training_utils import EMAModel
 from torch.func import functional_call, vmap
 
 from .sample import ddim_scheduler
-from .train import Checkpoint, noise_scheduler
+from .train import Checkpoint, draw_batch, noise_scheduler
 
 
 @dataclass(frozen=True)
@@ -99,8 +99,8 @@ def finetune_packed(sparsified: Checkpoint, items: Sequence[PackItem], options: 
             module.set_processor(AttnProcessor())
             module.scale = (module.to_k.out_features // module.heads) ** -0.5  # SDPA's scale, after pruning too
     params = _stacked(model, k, device, grad=True)
-    ema_src = sparsified.ema.model if sparsified.ema is not None else None
-    ema_params = _stacked(ema_src, k, device, grad=False) if ema_src is not None else None
+    ema = sparsified.ema
+    ema_params = _stacked(ema.model, k, device, grad=False) if ema is not None else None
     losses: list[list[float]] = [[] for _ in items]
     if options.steps <= 0:
         return model.eval(), ema_params if ema_params is not None else params, losses
@@ -113,18 +113,12 @@ def finetune_packed(sparsified: Checkpoint, items: Sequence[PackItem], options: 
     noise_gens = [torch.Generator("cpu").manual_seed(item.noise_seed) for item in items]
     opt = torch.optim.Adam(list(params.values()), lr=options.lr)
     averager = None
-    if ema_params is not None and sparsified.ema is not None:
-        averager = EMAModel(list(ema_params.values()), decay=sparsified.ema.decay, use_ema_warmup=False)
-        averager.optimization_step = sparsified.ema.step
+    if ema is not None and ema_params is not None:
+        averager = EMAModel(list(ema_params.values()), decay=ema.decay, use_ema_warmup=False)
+        averager.optimization_step = ema.step
     for _ in range(options.steps):
-        x0, ts, noise = [], [], []
-        for d, gen, ngen in zip(data, gens, noise_gens, strict=True):  # the draws train_ddpm makes, in its order
-            idx = torch.randint(len(d), (b,), generator=gen)
-            x0.append(d[idx.to(device)])
-            half = torch.randint(n_t, ((b + 1) // 2,), generator=ngen)
-            ts.append(torch.cat([half, n_t - 1 - half])[:b])
-            noise.append(torch.randn(x0[-1].shape, generator=ngen))
-        x0_all, t_all, eps = torch.stack(x0), torch.stack(ts).to(device), torch.stack(noise).to(device)
+        draws = [draw_batch(d, b, gen, ngen, n_t) for d, gen, ngen in zip(data, gens, noise_gens, strict=True)]
+        x0_all, t_all, eps = (torch.stack(part).to(device) for part in zip(*draws, strict=True))
         xt = sched.add_noise(x0_all.flatten(0, 1), eps.flatten(0, 1), t_all.flatten()).view_as(x0_all)
         per_model = (forward(params, xt, t_all) - eps).pow(2).flatten(1).mean(1)
         opt.zero_grad(set_to_none=True)
@@ -136,10 +130,10 @@ def finetune_packed(sparsified: Checkpoint, items: Sequence[PackItem], options: 
             averager.step(list(params.values()))
         for i, value in enumerate(per_model.detach().cpu().tolist()):
             losses[i].append(value)
-    if averager is not None and ema_params is not None:
-        averager.copy_to(list(ema_params.values()))
-        return model.eval(), ema_params, losses
-    return model.eval(), {n: p.detach() for n, p in params.items()}, losses
+    if averager is None or ema_params is None:
+        return model.eval(), {n: p.detach() for n, p in params.items()}, losses
+    averager.copy_to(list(ema_params.values()))
+    return model.eval(), ema_params, losses
 
 
 @torch.no_grad()

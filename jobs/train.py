@@ -115,6 +115,20 @@ def progress_reporter(progress: Progress | bool | None, steps: int, desc: str) -
     return None
 
 
+def draw_batch(data: torch.Tensor, batch_size: int, gen: torch.Generator, noise_gen: torch.Generator, n_t: int,
+               antithetic: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One training batch: images drawn with replacement by ``gen`` (on ``data``'s device), then timesteps
+    (antithetic pairs t, T-1-t) and noise ε by ``noise_gen`` (on CPU), in this order."""
+    idx = torch.randint(len(data), (batch_size,), generator=gen)
+    x0 = data[idx.to(data.device)]
+    if antithetic:
+        half = torch.randint(n_t, ((batch_size + 1) // 2,), generator=noise_gen)
+        t = torch.cat([half, n_t - 1 - half])[:batch_size]
+    else:
+        t = torch.randint(n_t, (batch_size,), generator=noise_gen)
+    return x0, t, torch.randn(x0.shape, generator=noise_gen)
+
+
 def train_ddpm(
     model: UNet2DModel,
     images: torch.Tensor,
@@ -169,15 +183,8 @@ def train_ddpm(
     n_t = sched.config.num_train_timesteps
     model.train()
     for step in range(1, steps + 1):
-        idx = torch.randint(len(data), (batch_size,), generator=gen)
-        x0 = data[idx.to(device)]
-        if antithetic:
-            half = torch.randint(n_t, ((batch_size + 1) // 2,), generator=noise_gen)
-            t = torch.cat([half, n_t - 1 - half])[:batch_size]
-        else:
-            t = torch.randint(n_t, (batch_size,), generator=noise_gen)
-        noise = torch.randn(x0.shape, generator=noise_gen).to(device)
-        t = t.to(device)
+        x0, t, noise = draw_batch(data, batch_size, gen, noise_gen, n_t, antithetic)
+        noise, t = noise.to(device), t.to(device)
         xt = sched.add_noise(x0, noise, t)
         loss = F.mse_loss(model(xt, t).sample, noise)
         opt.zero_grad(set_to_none=True)

@@ -8,6 +8,8 @@ import shlex
 from dataclasses import dataclass, field
 from typing import Any
 
+from kubernetes.utils import parse_quantity
+
 from datacredit import layout
 from datacredit.spec import API_VERSION, KIND, ValuationRun
 from datacredit.vocabulary import ExitCode
@@ -109,6 +111,14 @@ def job_name(run: Owner, key: str, attempt: int) -> str:
         digest = hashlib.sha256(run.name.encode()).hexdigest()[:4]
         stem = f"{stem[: MAX_NAME - len(suffix) - 5].rstrip('-')}-{digest}"
     return f"{stem}{suffix}"
+
+
+def quantity_bytes(quantity: str) -> int:
+    """A Kubernetes memory quantity (``32Gi``, ``512M``, ``1e9``) in bytes, by the kubernetes client's parser."""
+    try:
+        return int(parse_quantity(quantity))
+    except ValueError as e:
+        raise ValueError(f"not a memory quantity: {quantity!r} ({e}); for example 32Gi") from None
 
 
 def worker_command() -> list[str]:

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from datacredit.ids import coalition_id
-from datacredit.packing import batches, coalitions_per_job, quantity_bytes
+from datacredit.packing import batches, coalitions_per_job
 from datacredit.runloop import AskTell, Coalition, Missing, walk
 from datacredit.spec import ValuationRun
 from datacredit.vocabulary import ACTIVE_STATES as ACTIVE
@@ -32,6 +32,7 @@ from .batch import (
     JobRequest,
     coalition_request,
     parse_batch,
+    quantity_bytes,
 )
 
 QUEUED, RUNNING, SUCCEEDED, FAILED = JobState

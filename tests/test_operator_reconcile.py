@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 from datacredit.ids import coalition_id
-from datacredit.operator.batch import batch_annotation, worker_args
+from datacredit.operator.batch import batch_annotation, quantity_bytes, worker_args
 from datacredit.operator.planners import PlannerCache
 from datacredit.operator.reconcile import JobView, StoreView, decide, job_state, job_views
 from datacredit.operator.status import StatusEstimate, build_status, set_condition
-from datacredit.packing import MAX_PACK, coalitions_per_job, quantity_bytes
+from datacredit.packing import MAX_PACK, coalitions_per_job
 from datacredit.spec import parse_manifest
 
 N = 3
