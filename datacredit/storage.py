@@ -158,6 +158,11 @@ DEFAULT_PATIENCE_S = 600.0
 log = logging.getLogger("datacredit.storage")
 
 
+# 408: request timeout; 499: MinIO's "client disconnected", which it answers while shutting down mid-request
+_TRANSIENT_STATUS = (408, 499)
+_TRANSIENT_CODES = ("SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "ClientDisconnected")
+
+
 def is_transient(err: Exception) -> bool:
     """Whether an S3 error is an outage worth waiting out, rather than a wrong key, bucket or credential."""
     from botocore.exceptions import ClientError, HTTPClientError
@@ -168,7 +173,7 @@ def is_transient(err: Exception) -> bool:
     if isinstance(err, ClientError):
         status = int(err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
         code = err.response.get("Error", {}).get("Code", "")
-        return status >= 500 or code in ("SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout")
+        return status >= 500 or status in _TRANSIENT_STATUS or code in _TRANSIENT_CODES
     return False
 
 

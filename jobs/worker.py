@@ -7,6 +7,7 @@ coalition: fine-tune the sparsified model on the coalition's images -> sample ->
 from __future__ import annotations
 
 import io
+import logging
 import os
 import platform
 import shutil
@@ -32,6 +33,7 @@ from datacredit.storage import (
     InvalidKeyError,
     S3Options,
     Storage,
+    StorageUnavailable,
     download_dir,
     open_storage,
     read_json,
@@ -43,6 +45,8 @@ from .device import set_threads
 from .families import Assets, TrainData, get_family
 from .images import decode_check, decode_image, save_grid
 from .properties.registry import property_for
+
+log = logging.getLogger("datacredit.worker")
 
 #: The property is a fixed instrument: fitted (the demo's classifier, random splits) with this seed whatever
 #: ``spec.seed`` is, so runs that differ only in their seed measure the same property.
@@ -390,11 +394,19 @@ def run_coalitions(run_uri: str, batch: Sequence[Sequence[int]], *, attempts: Se
         return [r for r in results if r is not None]
     units = [(t.mask, seeds) for _, t in todo for seeds in (t.seeds, *t.replicates)]
     evaluated = get_family(s.model.family).coalitions(p.run, p.state, [u[0] for u in units], [u[1] for u in units])
-    done = 0
+    done, failed = 0, None
     for i, t in todo:
         own = evaluated[done : done + 1 + len(t.replicates)]
         done += len(own)
-        results[i] = _store_result(store, p, t, own, len(units))
+        try:
+            results[i] = _store_result(store, p, t, own, len(units))
+        except StorageUnavailable:
+            raise  # the store is gone past the patience: the next writes would only wait as long again
+        except Exception as error:  # noqa: BLE001 (raised below, once the pack's other results are stored)
+            log.error("coalition %s: %s", t.cid, error)
+            failed = failed or error
+    if failed is not None:
+        raise failed
     return [r for r in results if r is not None]
 
 

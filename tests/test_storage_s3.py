@@ -22,6 +22,7 @@ from datacredit.storage import (
     S3Storage,
     StorageError,
     StorageUnavailable,
+    is_transient,
     open_storage,
     read_json,
     upload_dir,
@@ -130,6 +131,20 @@ def test_an_outage_is_waited_out_and_a_longer_one_ends_the_worker_with_its_own_e
         assert "storage unavailable" in proc.stderr and "s3://outage/run" in proc.stderr
     finally:
         s3_server.start_again()
+
+
+@pytest.mark.parametrize(("status", "code", "transient"), [
+    (503, "ServiceUnavailable", True), (500, "InternalError", True), (503, "SlowDown", True),
+    (499, "ClientDisconnected", True),  # MinIO answers this to requests it drops while it shuts down
+    (408, "RequestTimeout", True), (403, "AccessDenied", False), (404, "NoSuchKey", False),
+    (403, "InvalidAccessKeyId", False), (412, "PreconditionFailed", False), (400, "ClientDisconnected", True),
+])
+def test_outages_are_told_from_wrong_requests(status: int, code: str, transient: bool) -> None:
+    from botocore.exceptions import ClientError
+
+    error = ClientError({"Error": {"Code": code, "Message": "m"}, "ResponseMetadata": {"HTTPStatusCode": status}},
+                        "PutObject")
+    assert is_transient(error) is transient
 
 
 @pytest.mark.workload
