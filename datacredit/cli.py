@@ -409,8 +409,10 @@ def evaluate(
     fraction: Annotated[float, typer.Option(min=0.01, max=0.99, help="Counterfactual: remove this top / bottom "
                                                                      "fraction of each ranking.")] = 0.4,
     baselines: Annotated[str, typer.Option(help="Comma-separated: loo, ft-shapley, retrain-shapley, pixel, "
-                                                "embedding, banzhaf, datamodel, d-trak ('' for none).")]
-    = "loo,ft-shapley,retrain-shapley,pixel,embedding,banzhaf,datamodel,d-trak",
+                                                "embedding, banzhaf, datamodel, d-trak, proxy ('' for none); "
+                                                "those that do not apply to the run are skipped, and the "
+                                                "table says why.")]
+    = "loo,ft-shapley,retrain-shapley,pixel,embedding,banzhaf,datamodel,d-trak,proxy",
     interval: Annotated[str, typer.Option(help="95% interval over seeds: normal (the paper's), t or bootstrap.")]
     = "normal",
     trak_dim: Annotated[int, typer.Option(min=1, help="D-TRAK: random projection dimension.")] = 1024,
@@ -420,7 +422,9 @@ def evaluate(
     """Score the run's Shapley values against models **retrained from scratch**: LDS, counterfactuals, baselines.
 
     Every retrained utility is stored under `evaluation/` in the run and reused by later calls, so a second
-    call (or another estimator) costs no retraining. Writes `evaluation/report.json`. Only the `ddpm` family.
+    call (or another estimator) costs no retraining. Writes `evaluation/report.json`. Families: `ddpm`, `ldm`
+    (retrains the UNet on VQ latents) and `sd-lora` (retrains the LoRA from the base model; adds the caption
+    proxy: the full model sampled on a coalition's captions only, no training).
     """
     from .jobs.evaluate import EvalSettings, EvaluationError, report_tables
     from .jobs.evaluate import evaluate as run_evaluation

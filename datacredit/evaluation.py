@@ -25,7 +25,9 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-TRUTH_KINDS = ("retrain", "ft-full")  # retrain from scratch; fine-tune the unpruned full model (FT-Shapley)
+#: retrain from scratch; fine-tune the unpruned full model (FT-Shapley); sample the full model conditioned on a
+#: coalition's captions only (the proxy: no training)
+TRUTH_KINDS = ("retrain", "ft-full", "proxy")
 
 
 def truth_key(kind: str, members: Iterable[int], seed: int, config: str) -> str:
@@ -379,7 +381,8 @@ def coalitions_within_budget(costs: Sequence[float], budget: float) -> int:
     return k
 
 
-RANKER_KINDS = ("sparsified", "ft-full", "retrain")  # what one coalition of each Shapley ranker runs
+RANKER_KINDS = ("sparsified", "ft-full", "retrain", "proxy")  # what one coalition of each Shapley ranker runs
+PROXY = "caption proxy (no training)"  # Shapley of the full model sampled on a coalition's captions only
 
 
 @dataclass(frozen=True)
@@ -420,7 +423,7 @@ class WorkModel:
         if kind not in RANKER_KINDS:
             raise ValueError(f"ranker kind {kind!r}: expected one of {', '.join(RANKER_KINDS)}")
         sample = {"sampler_steps": self.sampler_steps, "samples": self.samples, "params_full": self.params_full}
-        if size == 0:
+        if size == 0 or kind == "proxy":  # these only sample, on a full-size model
             return pass_work(train_steps=0, batch_size=0, params=self.params_full, **sample)
         if kind == "retrain":
             return pass_work(train_steps=self.train_steps, batch_size=self.train_batch, params=self.params_full,

@@ -37,9 +37,10 @@ from datacredit.seeds import coalition_seeds
 from datacredit.storage import S3Options, open_storage, read_json, upload_dir, write_json
 
 from .device import set_threads
-from .evaluate import EvaluationError, GroundTruth
+from .evaluate import GroundTruth
 from .pipeline import finetune_and_sample, prepare_sparsified
 from .train import Checkpoint
+from .truth_models import EvaluationError, UNetTruth
 from .worker import load_run, local_copy
 
 CALIBRATED_FAMILIES = ("ddpm",)  # the families `datacredit calibrate` sweeps
@@ -75,6 +76,9 @@ class Sweep:
 
     def __init__(self, gt: GroundTruth, progress: ProgressBar | None):
         self.gt, self.progress, self.store = gt, progress, gt.store
+        if not isinstance(gt.model, UNetTruth):
+            raise EvaluationError(f"calibrate: not supported for family {gt.family!r}")
+        self.unet = gt.model
         s = gt.p.run.spec
         self.config = ev.config_digest({"run": gt.p.manifest["configHash"], "lr": s.method.finetune.learning_rate,
                                         "batch": s.method.finetune.batch_size, "samples": s.property.samples,
@@ -108,7 +112,7 @@ class Sweep:
         task = self.progress.add_task(f"prune at ratio {ratio:g} + fine-tune on all data", total=1) \
             if self.progress else None
         t0 = time.perf_counter()
-        prepared = prepare_sparsified(self.gt.train, full=self.gt.full_model(),
+        prepared = prepare_sparsified(self.unet.train, full=self.unet.full_model(),
                                       batch_size=s.model.train.batch_size, prune_ratio=ratio,
                                       importance=s.method.prune.importance,
                                       finetune_steps=s.method.prune.finetune_steps,
@@ -128,7 +132,7 @@ class Sweep:
     def model(self, ratio: float) -> Checkpoint:
         """The sparsified model at ``ratio`` (the run's own at the manifest's ratio)."""
         if np.isclose(ratio, self.gt.p.run.spec.method.prune.ratio):
-            return self.gt.sparsified
+            return self.gt.p.state[0]  # ddpm: (sparsified, data)
         info = self.model_info(ratio)  # builds the model when it is not stored yet
         if ratio not in self._models:
             tag = "calib-" + contributor_id(self.store.uri + json.dumps(info, sort_keys=True))
@@ -164,7 +168,7 @@ class Sweep:
         s = self.gt.p.run.spec
         ft, seeds = s.method.finetune, self._seeds(members)
         samples, seconds, _ = finetune_and_sample(
-            self.model(ratio), self.gt.images_of(members), steps=steps, lr=ft.learning_rate, batch_size=ft.batch_size,
+            self.model(ratio), self.unet.images_of(members), steps=steps, lr=ft.learning_rate, batch_size=ft.batch_size,
             n_samples=s.property.samples, ddim_steps=s.method.sampler.steps, seed=seeds.data, noise_seed=seeds.noise)
         utility = self.gt.score(samples, f"ratio {ratio:g}, k={steps} on {list(members)}")
         return cal.SweepRow(ratio, steps, members, seeds.data, self.config, utility,

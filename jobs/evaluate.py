@@ -1,23 +1,27 @@
 """`datacredit evaluate`: score a run's values against models retrained from scratch (paper §5).
 
-Ground truth (stored in the run under ``evaluation/``, reused by every later call):
+Ground truth (stored in the run under ``evaluation/``, reused by every later call; what each family trains is in
+:mod:`datacredit.jobs.truth_models`):
 
-* ``retrain``: a fresh full model trained on the subset's images with ``spec.model.train``, sampled with the
-  run's sampler and scored with the run's fitted property, per optimisation seed.
-* ``ft-full``: the unpruned full model (``prepare/sparsified/full``) fine-tuned on the subset for
-  ``spec.method.finetune.steps``: the utility of FT-Shapley (fine-tuning without pruning).
+* ``retrain``: a model trained from scratch on the subset with ``spec.model.train`` (ddpm: a UNet on its images;
+  ldm: on their VQ latents; sd-lora: a fresh LoRA on the frozen base pipeline), sampled with the run's sampler
+  and scored with the run's fitted property, per optimisation seed.
+* ``ft-full``: the unpruned full model prepare saved fine-tuned on the subset for ``spec.method.finetune.steps``:
+  the utility of FT-Shapley (fine-tuning without pruning).
+* ``proxy`` (text-conditional families): the unpruned full model sampled on the subset's captions only, with no
+  training, as SurrogateSHAP does; a proxy, labelled so in every table.
 
-Rankers compared: the run's sparsified-FT Shapley values, FT-Shapley and retraining Shapley at the same compute
-budget as the sparsified-FT run (counted work: forward passes weighted by model size, see ``BUDGET_RULE``; seconds
-are reported beside it), leave-one-out by retraining, pixel / embedding similarity of each contributor's images
-to the full model's samples, D-TRAK (projected gradients of the unpruned full model, summed per contributor,
-:mod:`datacredit.jobs.trak`), and pro-rata: each contributor's image count, what payers use today (LDS only: its
-ranking needs no compute, and its counterfactual would cost retrains of its own).
+Rankers compared: the run's sparsified-FT Shapley values, FT-Shapley, retraining Shapley and the caption proxy's
+Shapley values at the same compute budget as the sparsified-FT run (counted work: forward passes weighted by model
+size, see ``BUDGET_RULE``; seconds are reported beside it), leave-one-out by retraining, pixel / embedding
+similarity of each contributor's images to the full model's samples, D-TRAK (projected gradients of the unpruned
+full model, summed per contributor, :mod:`datacredit.jobs.trak`; ddpm and ldm), and pro-rata: each contributor's
+image count, what payers use today (LDS only: its ranking needs no compute, and its counterfactual would cost
+retrains of its own). Baselines that do not apply to a run are listed in the report's ``skipped``, with why.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import time
 from collections.abc import Callable
@@ -42,29 +46,19 @@ from datacredit.storage import S3Options, open_storage, read_json, write_json
 
 from .device import set_threads
 from .families import get_family
-from .families.ddpm import FULL_DIR, unet_arch
-from .families.ldm import decode, head_dim
-from .pipeline import finetune_and_sample
 from .properties.digits import ClassifierProperty
-from .sample import sample_ddim
-from .train import Checkpoint, train_ddpm
-from .trak import dtrak_features
-from .unet import build_unet
-from .worker import load_run, local_copy, prepared_run, run_coalition
+from .truth_models import TRUTH_MODELS, EvaluationError, truth_model
+from .worker import load_run, prepared_run, run_coalition
 
 REPORT = "evaluation/report.json"
 BUDGET_RULE = ("equal counted work: forward passes of training (steps × batch, 3 passes per image for forward and "
                "backward) and sampling (DDIM steps × samples), weighted by the parameters of the model they run on, in "
                "full-model forward passes; FT-Shapley and retrain Shapley take the plan's coalitions in order while "
                "their summed work stays within sparsified-FT's (pruned fine-tuning plus all its coalition evaluations)")
-SUPPORTED_FAMILIES = ("ddpm", "ldm")
-BASELINES = ("loo", "ft-shapley", "retrain-shapley", "pixel", "embedding", "banzhaf", "datamodel", "d-trak")
+BASELINES = ("loo", "ft-shapley", "retrain-shapley", "pixel", "embedding", "banzhaf", "datamodel", "d-trak",
+             "proxy")
 #: rankers without a counterfactual: they train nothing themselves, and it would retrain for them alone
 LDS_ONLY = (ev.PRO_RATA, ev.BANZHAF_RUN, ev.DATAMODEL_RUN)
-
-
-class EvaluationError(ValueError):
-    """The run cannot be evaluated as asked (unsupported family, missing results or prepare outputs)."""
 
 
 @dataclass
@@ -88,35 +82,25 @@ class GroundTruth:
     def __init__(self, run_uri: str, options: S3Options, progress: ProgressBar | None = None):
         self.store = open_storage(run_uri, options)
         family = load_run(self.store).spec.model.family
-        if family not in SUPPORTED_FAMILIES:
-            raise EvaluationError(f"evaluate: not supported yet for family {family!r} (supported: "
-                                  f"{', '.join(SUPPORTED_FAMILIES)})")
+        if family not in TRUTH_MODELS:  # before the run's models are loaded
+            raise EvaluationError(f"evaluate: not supported for family {family!r} (supported: "
+                                  f"{', '.join(TRUTH_MODELS)})")
         self.p = prepared_run(run_uri, options)
         self.family = family
+        self.model = truth_model(self.p, self.store)
         self.progress = progress
         self.trained = 0  # utilities computed (not reused) by this object
         s = self.p.run.spec
-        if family == "ldm":  # the UNets learn and sample VQ latents; samples are decoded before scoring
-            state = self.p.state
-            self.images = _dataset_images(self.store)  # the contributors' images, in pixels (not in the state)
-            self.sparsified, self.train, self.clip_sample = state.sparsified, state.latents, False
-            self.decode: Callable[[torch.Tensor], torch.Tensor] = lambda z: decode(state.vq, z, state.channels)
-            self.arch = {**unet_arch(self.p.run), "attention_head_dim": head_dim(list(s.model.architecture
-                                                                                        .block_out_channels))}
-        else:
-            self.sparsified, data = self.p.state
-            self.images = data.images
-            self.train, self.clip_sample, self.decode, self.arch = data.images, True, lambda x: x, unet_arch(self.p.run)
         shared = {"samples": s.property.samples, "sampler": s.method.sampler.steps, "property": s.property.name,
                   "run": self.p.manifest["configHash"]}
         self.configs = {
-            "retrain": ev.config_digest({**shared, "train": s.model.train.model_dump(),
-                                         "arch": s.model.architecture.model_dump()}),
+            "retrain": ev.config_digest({**shared, "train": s.model.train.model_dump(), "arch": (
+                s.model.architecture.model_dump() if hasattr(s.model, "architecture")  # ddpm, ldm
+                else s.model.model_dump(exclude={"train", "family"}))}),  # sd-lora: base model, LoRA, prompt
             "ft-full": ev.config_digest({**shared, "finetune": s.method.finetune.model_dump()}),
+            "proxy": ev.config_digest({**shared, "guidance": s.method.sampler.guidance_scale}),
         }
         self.rows = {k: self._read(k) for k in ev.TRUTH_KINDS}
-        self._full: Checkpoint | None = None
-        self._full_generated: torch.Tensor | None = None
 
     def _read(self, kind: str) -> dict[str, ev.TruthRow]:
         key = ev.truth_file(kind)
@@ -132,7 +116,7 @@ class GroundTruth:
         todo = list(dict.fromkeys(r for r in requests if self._lookup(kind, *r) is None))
         task = self.progress.add_task(label, total=len(todo)) if self.progress and todo else None
         for members, seed in todo:
-            utility, seconds = (self.retrain if kind == "retrain" else self.finetune_full)(members, seed)
+            utility, seconds = self._compute(kind, members, seed)
             row = ev.TruthRow(kind, members, seed, self.configs[kind], utility, seconds)
             self.rows[kind][row.key] = row
             self.trained += 1
@@ -142,10 +126,6 @@ class GroundTruth:
         out = [self._lookup(kind, *r) for r in requests]
         return [r for r in out if r is not None]
 
-    def images_of(self, members: tuple[int, ...]) -> torch.Tensor:
-        """What the UNet trains on for ``members``: their images (ddpm) or their images' latents (ldm)."""
-        return self.train[torch.from_numpy(np.isin(self.p.owner, members))]
-
     def score(self, samples: torch.Tensor, what: str) -> float:
         """The run's fitted property of ``samples``; a non-finite value is an error naming ``what``."""
         u = float(self.p.prop.score(samples))
@@ -153,57 +133,24 @@ class GroundTruth:
             raise RuntimeError(f"property {self.p.run.spec.property.name!r} returned {u} for {what}")
         return u
 
+    def _compute(self, kind: str, members: tuple[int, ...], seed: int) -> tuple[float, float]:
+        if kind == "proxy":
+            t0 = time.perf_counter()
+            samples = self.model.proxy(members, seed)
+            return self.score(samples, f"proxy of {list(members)}"), time.perf_counter() - t0
+        return (self.retrain if kind == "retrain" else self.finetune_full)(members, seed)
+
     def retrain(self, members: tuple[int, ...], seed: int) -> tuple[float, float]:
-        """Utility and seconds of a fresh model trained on ``members``' images (not stored)."""
-        s = self.p.run.spec
-        t = s.model.train
+        """Utility and seconds of a model trained from scratch on ``members`` (not stored)."""
         t0 = time.perf_counter()
-        torch.manual_seed(seed)
-        model = build_unet(sample_size=self.train.shape[-1], in_channels=self.train.shape[1], **self.arch)
-        result = train_ddpm(model, self.images_of(members), t.steps, t.learning_rate, t.batch_size, seed=seed)
-        samples = sample_ddim(result.inference_model, s.property.samples, s.method.sampler.steps, seed=seed,
-                              clip_sample=self.clip_sample)
-        return self.score(self.decode(samples), f"retrained {list(members)}"), time.perf_counter() - t0
-
-    def full_model(self) -> Checkpoint:
-        """The unpruned full model prepare saved (``prepare/sparsified/full``)."""
-        if self._full is None:
-            folder = local_copy(self.store, layout.SPARSIFIED, "eval-" + self.p.manifest["configHash"]) / FULL_DIR
-            if not (folder / "model").is_dir():
-                raise EvaluationError(f"{self.store.uri}/{layout.SPARSIFIED}/{FULL_DIR}: no full model; it is saved "
-                                      f"by prepare since evaluation support: delete prepare/ and rerun the run")
-            self._full = Checkpoint.load(folder)
-        return self._full
-
-    def full_generated(self) -> torch.Tensor:
-        """Samples of the unpruned full model (the run's sampler and seed) where it works: images, or latents for
-        ldm; generated once."""
-        if self._full_generated is None:
-            s = self.p.run.spec
-            self._full_generated = sample_ddim(self.full_model().inference_model, s.property.samples,
-                                               s.method.sampler.steps, seed=s.seed, clip_sample=self.clip_sample)
-        return self._full_generated
-
-    def full_samples(self) -> torch.Tensor:
-        """The full model's samples as images."""
-        return self.decode(self.full_generated())
+        samples = self.model.retrain(members, seed)
+        return self.score(samples, f"retrained {list(members)}"), time.perf_counter() - t0
 
     def finetune_full(self, members: tuple[int, ...], seed: int) -> tuple[float, float]:
         """Utility and seconds of the unpruned full model fine-tuned on ``members`` (not stored)."""
-        s = self.p.run.spec
-        ft = s.method.finetune
         t0 = time.perf_counter()
-        samples, _, _ = finetune_and_sample(self.full_model(), self.images_of(members), steps=ft.steps,
-                                            lr=ft.learning_rate, batch_size=ft.batch_size,
-                                            n_samples=s.property.samples, ddim_steps=s.method.sampler.steps,
-                                            seed=seed, clip_sample=self.clip_sample)
-        return self.score(self.decode(samples), f"fine-tuned full model on {list(members)}"), time.perf_counter() - t0
-
-
-def _dataset_images(store: Any) -> torch.Tensor:
-    """The run's decoded training images (``prepare/dataset.npz``) as float in [-1, 1]."""
-    with np.load(io.BytesIO(store.read_bytes(layout.DATASET))) as z:
-        return torch.from_numpy(z["images"]).float().div(127.5).sub(1.0)
+        samples = self.model.finetune_full(members, seed)
+        return self.score(samples, f"fine-tuned full model on {list(members)}"), time.perf_counter() - t0
 
 
 def side_by_side(gt: GroundTruth, repeats: int = 3) -> dict[str, float]:
@@ -261,7 +208,7 @@ def _budgeted_shapley(gt: GroundTruth, kind: str, work: ev.WorkModel, budget: fl
 
 def _similarity(gt: GroundTruth, n: int, which: str) -> dict[str, np.ndarray]:
     """Pixel or embedding similarity (max and mean) of each contributor's images to the full model's samples."""
-    samples, train = gt.full_samples(), gt.images
+    samples, train = gt.model.full_samples(), gt.model.images
     if which == "embedding":
         if not isinstance(gt.p.prop, ClassifierProperty):
             return {}
@@ -275,13 +222,11 @@ def _similarity(gt: GroundTruth, n: int, which: str) -> dict[str, np.ndarray]:
 def _dtrak(gt: GroundTruth, n: int, settings: EvalSettings, work: ev.WorkModel) -> tuple[np.ndarray, dict[str, Any]]:
     """D-TRAK scores on the unpruned full model for its samples (:func:`datacredit.evaluation.trak_scores`), and
     their spend: counted work of one forward and backward pass per image and draw (no coalitions)."""
-    generated, model = gt.full_generated(), gt.full_model().inference_model  # ldm: in latent space
     t0 = time.perf_counter()
-    kw = {"dim": settings.trak_dim, "timesteps": settings.trak_timesteps, "seed": gt.p.run.spec.seed}
-    scores = ev.trak_scores(dtrak_features(model, gt.train, **kw).numpy(),
-                            dtrak_features(model, generated, **kw).numpy(), gt.p.owner, n, settings.trak_ridge)
-    spent = ev.pass_work(train_steps=settings.trak_timesteps, batch_size=len(gt.train) + len(generated),
-                         sampler_steps=0, samples=0, params=work.params_full, params_full=work.params_full)
+    train, generated, items = gt.model.dtrak_features(settings.trak_dim, settings.trak_timesteps, gt.p.run.spec.seed)
+    scores = ev.trak_scores(train, generated, gt.p.owner, n, settings.trak_ridge)
+    spent = ev.pass_work(train_steps=settings.trak_timesteps, batch_size=items, sampler_steps=0, samples=0,
+                         params=work.params_full, params_full=work.params_full)
     return scores, {"coalitions": 0, "seconds": round(time.perf_counter() - t0, 1), "work": round(spent, 1)}
 
 
@@ -329,7 +274,7 @@ def evaluate(run_uri: str, settings: EvalSettings, *, options: S3Options | None 
         coalitions = [c for c in (read_json(store, k) for k in store.list("coalitions") if k.endswith("/result.json"))
                       if tuple(c["members"]) in planned]
         prepare = read_json(store, layout.PREPARE_RESULT)
-        work = ev.WorkModel.from_run(run, prepare)
+        work = gt.model.work_model(ev.WorkModel.from_run(run, prepare))
         budget = _sparsified_work(work, coalitions)
         budgets["sparsified-FT Shapley"] = {"coalitions": len(coalitions),
                                             "seconds": round(_sparsified_cost(prepare, coalitions), 1),
@@ -347,9 +292,19 @@ def evaluate(run_uri: str, settings: EvalSettings, *, options: S3Options | None 
                                  ("retrain Shapley", "retrain", "retrain-shapley")):
             if flag in settings.baselines:
                 rankers[name], budgets[name] = _budgeted_shapley(gt, kind, work, budget, f"{name} (equal budget)")
+        skipped: dict[str, str] = {}  # asked-for baselines that do not apply to this run, and why
         for which in ("pixel", "embedding"):
             if which in settings.baselines:
-                rankers.update(_similarity(gt, n, which))
+                found = _similarity(gt, n, which)
+                rankers.update(found)
+                if not found:
+                    skipped[which] = "the property has no classifier features to compare images with"
+        if "proxy" in settings.baselines:
+            if gt.model.conditional:
+                rankers[ev.PROXY], budgets[ev.PROXY] = _budgeted_shapley(gt, "proxy", work, budget,
+                                                                         "caption proxy (equal budget)")
+            else:
+                skipped["proxy"] = "the model is unconditional: no captions or labels to condition on"
         run_rows = _run_rows(store)  # the run's own utilities: these two fit them, no training of their own
         if "banzhaf" in settings.baselines:
             rankers[ev.BANZHAF_RUN] = np.asarray(estimate_from_table(run_rows, n, method="banzhaf").values)
@@ -359,7 +314,10 @@ def evaluate(run_uri: str, settings: EvalSettings, *, options: S3Options | None 
                                                             [r.utility for r in run_rows], n)
             budgets[ev.DATAMODEL_RUN] = {**budgets["sparsified-FT Shapley"]}
         if "d-trak" in settings.baselines:
-            rankers[ev.DTRAK], budgets[ev.DTRAK] = _dtrak(gt, n, settings, work)
+            if gt.model.dtrak:
+                rankers[ev.DTRAK], budgets[ev.DTRAK] = _dtrak(gt, n, settings, work)
+            else:
+                skipped["d-trak"] = f"not implemented for family {gt.family} yet"
 
         # LDS test coalitions, retrained with every seed
         tests = {a: ev.datamodel_subsets(n, a, settings.subsets, seed=seed0) for a in settings.alphas}
@@ -392,6 +350,8 @@ def evaluate(run_uri: str, settings: EvalSettings, *, options: S3Options | None 
                 pairs.append((sparse, float(np.mean([obs[k] for obs in observed[a].values()]))))
         ft_rows = gt.get("ft-full", [(s, seed0) for a in settings.alphas for s in tests[a]], "FT (full) on tests") \
             if "ft-shapley" in settings.baselines else []
+        proxy_rows = gt.get("proxy", [(s, seed0) for a in settings.alphas for s in tests[a]], "proxy on tests") \
+            if ev.PROXY in rankers else []
 
     retrain_s = [r.seconds for r in gt.rows["retrain"].values() if len(r.members) == n]
     sparse_s = [c["seconds"]["total"] for c in coalitions if "total" in c.get("seconds", {})]
@@ -408,6 +368,8 @@ def evaluate(run_uri: str, settings: EvalSettings, *, options: S3Options | None 
     if ft_rows:
         retrained = [p[1] for p in pairs]
         agreement["pearsonFTFullVsRetrain"] = ev.pearson([r.utility for r in ft_rows], retrained)
+    if proxy_rows:
+        agreement["pearsonProxyVsRetrain"] = ev.pearson([r.utility for r in proxy_rows], [p[1] for p in pairs])
     report = {
         "run": run_uri,
         "property": run.spec.property.name,
@@ -422,6 +384,7 @@ def evaluate(run_uri: str, settings: EvalSettings, *, options: S3Options | None 
         "agreement": agreement,
         "cost": cost,
         "retrainedNow": gt.trained,
+        "skipped": skipped,
     }
     write_json(store, REPORT, report)
     if on_truth:
@@ -449,6 +412,8 @@ def report_tables(report: dict[str, Any]) -> list[Any]:
         t.add_row(name, *(str(ev.Interval(d["mean"], *d["ci95"])) for d in (by_alpha[str(a)] for a in alphas)),
                   *spend)
     t.caption = "budget: equal counted work (training image = 3 forward passes), not seconds"
+    for name, why in report.get("skipped", {}).items():
+        t.caption += f"\n{name}: skipped, {why}"
     if ev.PRO_RATA in report["values"] and ev.PRO_RATA not in report["lds"]:
         t.caption += f"\n{ev.PRO_RATA}: every contributor has as many images, so it ranks no subset (no LDS)"
     c = Table(title=f"Counterfactual ΔF (%) vs. the full set, removing {report['settings']['fraction']:.0%}")

@@ -7,12 +7,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from PIL import Image
 from typer.testing import CliRunner
 
 from datacredit import evaluation as ev
 from datacredit.cli import app
+from datacredit.jobs.properties.custom import PropertyContext
 from datacredit.local import execute
 from datacredit.runstate import open_run, planner_for
+from datacredit.seeds import Seeds
 from datacredit.shapley import estimate_from_table
 from datacredit.spec import parse_manifest
 from datacredit.storage import read_json
@@ -94,29 +98,20 @@ def test_evaluate_stores_and_reuses_ground_truth(tiny_data: TinyData, tmp_path: 
     # the CLI prints the tables from the same stored ground truth
     res = CliRunner().invoke(app, ["evaluate", ref.uri, "--alphas", "0.5", "--subsets", "3", "--seeds", "2",
                                    "--fraction", "0.25", "--trak-dim", "256", "--trak-timesteps", "3"])
-    # default --baselines: all eight, D-TRAK as in the first call (so its counterfactual needs no retrain)
+    # default --baselines: all nine (the proxy skipped: ddpm is unconditional), D-TRAK as in the first call (so its
+    # counterfactual needs no retrain)
     assert res.exit_code == 0, res.output
     assert "LDS" in res.output and "retrained now: 0" in res.output and ev.DTRAK in res.output
     assert "as many images" in " ".join(res.output.split())  # why the pro-rata row is missing
+    assert "proxy: skipped, the model is unconditional" in " ".join(res.output.split())
     assert "equal counted work" in " ".join(res.output.split())
-
-
-def test_evaluate_refuses_other_families(tmp_path: Path) -> None:
-    from datacredit.jobs.evaluate import EvalSettings, EvaluationError, evaluate
-    from datacredit.storage import open_storage, write_json
-
-    manifest = tiny_manifest("tiny-sd", "/nowhere", "/nowhere", {"uri": str(tmp_path)})
-    manifest["spec"]["model"] = {"family": "sd-lora", "checkpoint": str(tmp_path), "prompt": "a digit"}
-    store = open_storage(str(tmp_path / "run"))
-    write_json(store, "run.json", {"manifest": parse_manifest(manifest).to_manifest()})
-    with pytest.raises(EvaluationError, match="not supported yet for family 'sd-lora'"):
-        evaluate(store.uri, EvalSettings())
 
 
 def test_evaluate_an_ldm_run_retrains_on_latents(tiny_data: TinyData, tmp_path: Path) -> None:
     """ldm: retraining from scratch trains a UNet on the VQ latents of a subset; FT-Shapley fine-tunes the unpruned
     latent UNet prepare saved; samples are decoded before the property scores them; D-TRAK works in latent space."""
     from datacredit.jobs.evaluate import EvalSettings, GroundTruth, evaluate
+    from datacredit.jobs.truth_models import UNetTruth
     from tests.tiny_models import save_tiny_vqmodel
 
     vq = save_tiny_vqmodel(tmp_path / "vqvae")
@@ -137,8 +132,10 @@ def test_evaluate_an_ldm_run_retrains_on_latents(tiny_data: TinyData, tmp_path: 
     seen: list[GroundTruth] = []
     report = evaluate(ref.uri, settings, on_truth=seen.append)
     gt = seen[0]
-    assert gt.train.shape[1:] == (3, 8, 8) and gt.images.shape[1:] == (1, 16, 16)  # latents; 16 px images
-    assert gt.full_generated().shape[1:] == (3, 8, 8) and gt.full_samples().shape[1:] == (1, 16, 16)
+    model = gt.model
+    assert isinstance(model, UNetTruth)
+    assert model.train.shape[1:] == (3, 8, 8) and model.images.shape[1:] == (1, 16, 16)  # latents; 16 px images
+    assert model.full_generated().shape[1:] == (3, 8, 8) and model.full_samples().shape[1:] == (1, 16, 16)
     assert report["retrainedNow"] > 0 and {"sparsified-FT Shapley", "LOO (retrain)", "FT-Shapley", "pixel-max",
                                            ev.DTRAK} <= set(report["lds"])
     n = len(CONTRIBUTORS)
@@ -147,3 +144,83 @@ def test_evaluate_an_ldm_run_retrains_on_latents(tiny_data: TinyData, tmp_path: 
     rows = list(gt.rows["retrain"].values())
     assert rows and all(np.isfinite(r.utility) for r in rows)
     assert len({round(r.utility, 6) for r in rows}) > 1  # subsets trained on different latents score differently
+
+
+COLOURS = {"ann": (220, 40, 40), "bob": (40, 40, 220), "cy": (40, 200, 40), "dee": (230, 230, 230)}
+
+
+def brightness(images: torch.Tensor, context: PropertyContext) -> float:
+    """The sd-lora test's property: mean brightness of the samples."""
+    return float(images.mean())
+
+
+def _painting(colour: tuple[int, int, int], seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(np.clip(np.asarray(colour) + rng.integers(-30, 30, (16, 16, 3)), 0, 255).astype(np.uint8))
+
+
+def test_evaluate_an_sd_lora_run_retrains_the_lora_and_scores_the_caption_proxy(tmp_path: Path) -> None:
+    """sd-lora: retraining from scratch trains a fresh LoRA on the frozen base pipeline; FT-Shapley fine-tunes the
+    unpruned LoRA prepare saved; the caption proxy samples that LoRA on a coalition's captions only (∅: the empty
+    prompt) and trains nothing; D-TRAK and the embedding similarity are skipped with a reason; the run's pruned
+    LoRA is back in place afterwards, so its coalitions give what they gave before."""
+    from datacredit.jobs.evaluate import EvalSettings, GroundTruth, evaluate
+    from datacredit.jobs.families import get_family
+    from datacredit.jobs.lora import lora_state
+    from datacredit.jobs.truth_models import LoraTruth
+    from datacredit.jobs.worker import prepared_run
+    from datacredit.storage import S3Options
+    from tests.tiny_models import save_tiny_sd_pipeline
+
+    sd = save_tiny_sd_pipeline(tmp_path / "sd")
+    for k, name in enumerate(COLOURS):
+        (tmp_path / "images" / name).mkdir(parents=True)
+        for j in range(2):
+            _painting(COLOURS[name], 10 * k + j).save(tmp_path / "images" / name / f"{j}.png")
+            (tmp_path / "images" / name / f"{j}.txt").write_text(f"a {name} painting\n")
+    manifest = {"apiVersion": "datacredit.dev/v1alpha1", "kind": "ValuationRun", "metadata": {"name": "sd-eval"},
+                "spec": {"model": {"family": "sd-lora", "checkpoint": str(sd), "prompt": "a painting",
+                                   "lora": {"rank": 4}, "train": {"steps": 4, "learningRate": 1e-3, "batchSize": 4}},
+                         "dataset": {"images": str(tmp_path / "images"), "channels": 3, "captions": "sidecar"},
+                         "property": {"name": f"{__name__}:brightness", "samples": 4},
+                         "method": {"prune": {"ratio": 0.5, "finetuneSteps": 2},
+                                    "finetune": {"steps": 3, "learningRate": 1e-2, "batchSize": 2},
+                                    "sampler": {"steps": 2, "guidanceScale": 3.0}},
+                         "estimator": {"name": "exact", "budget": 16}, "storage": {"uri": str(tmp_path / "runs")}}}
+    run = parse_manifest(manifest)
+    execute(run, workers=1)
+    ref = open_run(run)
+    settings = EvalSettings(alphas=(0.5,), subsets=3, seeds=1, fraction=0.25)  # every baseline
+    seen: list[GroundTruth] = []
+    report = evaluate(ref.uri, settings, on_truth=seen.append)
+    gt = seen[0]
+    model = gt.model
+    assert isinstance(model, LoraTruth)
+    n = len(COLOURS)
+    for name in ("LOO (retrain)", "FT-Shapley", "retrain Shapley", ev.PROXY, "pixel-max"):
+        assert name in report["lds"] and len(report["values"][name]) == n, name
+        assert np.isfinite(report["values"][name]).all(), name
+    assert set(report["skipped"]) == {"d-trak", "embedding"} and "sd-lora" in report["skipped"]["d-trak"]
+    assert ev.DTRAK not in report["values"]
+    # the proxy trains nothing: its counted work is sampling only, so it fits more coalitions than FT-Shapley
+    spent = report["budget"]
+    assert spent[ev.PROXY]["coalitions"] >= spent["FT-Shapley"]["coalitions"]
+    assert spent[ev.PROXY]["work"] < spent["FT-Shapley"]["work"] or spent[ev.PROXY]["coalitions"] > \
+        spent["FT-Shapley"]["coalitions"]
+    assert np.isfinite(report["agreement"]["pearsonProxyVsRetrain"])
+    # prompts: each sample a caption of the coalition's images; ∅ the empty prompt
+    assert set(model.proxy_prompts((1, 3), 7)) <= {"a bob painting", "a dee painting"}
+    assert model.proxy_prompts((), 7) == [""] * 4
+    # subsets score differently under all three kinds of ground truth
+    for kind in ("retrain", "ft-full", "proxy"):
+        rows = list(gt.rows[kind].values())
+        assert rows and len({round(r.utility, 6) for r in rows}) > 1, kind
+    # a retrained LoRA starts fresh: on no data it is the base model, as the run's ∅ coalition samples it
+    p = prepared_run(ref.uri, S3Options())
+    base, _ = get_family("sd-lora").coalition(run, p.state, np.zeros(len(p.owner), dtype=bool), Seeds(5, 5))
+    torch.testing.assert_close(model.retrain((), 5), base)
+    # the run's pruned LoRA is back in place, so later coalitions of this process start from it
+    assert all(torch.equal(v, p.state.lora[k]) for k, v in lora_state(p.state.pipe.unet).items())
+    again, _ = get_family("sd-lora").coalition(run, p.state, np.isin(p.owner, [0, 1]), Seeds(9, 9))
+    first, _ = get_family("sd-lora").coalition(run, p.state, np.isin(p.owner, [0, 1]), Seeds(9, 9))
+    torch.testing.assert_close(again, first)

@@ -102,6 +102,7 @@ def test_counted_work_per_ranker_from_the_settings() -> None:
     assert w.coalition("sparsified", 3) == pytest.approx((3 * 10 * 8 + sample) * 0.25)
     assert w.coalition("ft-full", 3) == pytest.approx(3 * 10 * 8 + sample)
     assert w.coalition("retrain", 3) == pytest.approx(3 * 40 * 8 + sample)
+    assert w.coalition("proxy", 3) == pytest.approx(sample)  # the caption proxy trains nothing
     for kind in ev.RANKER_KINDS:  # ∅ only samples, on a full-size model
         assert w.coalition(kind, 0) == pytest.approx(sample)
     assert w.coalition("sparsified", 3, steps=20, params=50) == pytest.approx((3 * 20 * 8 + sample) * 0.5)

@@ -38,6 +38,7 @@ from .base import Assets, TrainData, one_by_one
 
 FIELD = "spec.model.checkpoint"
 LORA_DIR = "lora"  # the pruned, fine-tuned LoRA (peft folder) in prepare's output
+FULL_LORA_DIR = "lora-full"  # the unpruned LoRA trained on all contributors: `datacredit evaluate` fine-tunes it
 CACHE_FILE = "encoded.safetensors"  # VAE latents of the training images and text embeddings of their captions
 CAPTIONS_FILE = "captions.json"  # the unique captions, in the order of the cached text embeddings
 WEIGHT_DECAY = 1e-6  # AdamW, as in the paper's LoRA training
@@ -172,17 +173,21 @@ def train_lora(pipe: StableDiffusionPipeline, enc: Encoded, indices: np.ndarray,
     return losses
 
 
-def sample(pipe: StableDiffusionPipeline, prompt: str, n: int, steps: int, guidance_scale: float, resolution: int,
-           seed: int) -> torch.Tensor:
-    """``n`` images (n, 3, H, W) in [-1, 1] from ``prompt`` with DDIM (eta 0). The initial latents come from a CPU
-    generator seeded with ``seed``, drawn up front, so the result does not depend on the batch size."""
+def sample(pipe: StableDiffusionPipeline, prompt: str | Sequence[str], n: int, steps: int, guidance_scale: float,
+           resolution: int, seed: int) -> torch.Tensor:
+    """``n`` images (n, 3, H, W) in [-1, 1] from ``prompt`` (or one prompt per image) with DDIM (eta 0). The initial
+    latents come from a CPU generator seeded with ``seed``, drawn up front, so the result does not depend on the
+    batch size."""
+    prompts = [prompt] * n if isinstance(prompt, str) else list(prompt)
+    if len(prompts) != n:
+        raise ValueError(f"{len(prompts)} prompts for {n} images")
     side = resolution // pipe.vae_scale_factor
     gen = torch.Generator("cpu").manual_seed(seed)
     latents = torch.randn(n, pipe.unet.config.in_channels, side, side, generator=gen)
     out = []
     for lo in range(0, n, SAMPLE_BATCH):
         chunk = latents[lo : lo + SAMPLE_BATCH].to(pipe.unet.device)
-        images = pipe([prompt] * len(chunk), height=resolution, width=resolution, num_inference_steps=steps,
+        images = pipe(prompts[lo : lo + len(chunk)], height=resolution, width=resolution, num_inference_steps=steps,
                       guidance_scale=guidance_scale, latents=chunk, output_type="pt").images
         out.append(images.float().cpu() * 2 - 1)
     return torch.cat(out).clamp(-1, 1)
@@ -232,6 +237,8 @@ class SDLoraFamily:
             train_lora(pipe, enc, everyone, t.steps, t.learning_rate, t.batch_size, s.seed, progress, "train LoRA")
             seconds["train"] = time.perf_counter() - t0
         params_full = count_lora_params(pipe.unet)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_lora(pipe.unet, out_dir / FULL_LORA_DIR)
         t0 = time.perf_counter()
         _, stats = prune_lora(pipe.unet, 1.0 - s.method.prune.ratio)
         seconds["prune"] = time.perf_counter() - t0
@@ -239,7 +246,6 @@ class SDLoraFamily:
         train_lora(pipe, enc, everyone, s.method.prune.finetune_steps, s.method.finetune.learning_rate, t.batch_size,
                    s.seed + 1, progress, "fine-tune pruned LoRA")
         seconds["prune_finetune"] = time.perf_counter() - t0
-        out_dir.mkdir(parents=True, exist_ok=True)
         save_lora(pipe.unet, out_dir / LORA_DIR)
         enc.save(out_dir)
         return {"params_full": params_full, "params_pruned": count_lora_params(pipe.unet), "prune": stats.to_dict(),
