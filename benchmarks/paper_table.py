@@ -28,7 +28,7 @@ from typing import Any
 
 from rich.console import Console
 
-from datacredit.demo import QUICK, demo_manifest
+from datacredit.demo import demo_manifest
 from datacredit.jobs.digits import demo_data
 from datacredit.jobs.evaluate import EvalSettings, GroundTruth, evaluate, report_tables, side_by_side
 from datacredit.local import execute
@@ -36,9 +36,11 @@ from datacredit.runstate import open_run
 from datacredit.spec import parse_manifest
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results" / "paper_table.json"
-DOC = ROOT / "docs" / "paper_table.md"
+RESULTS = {"ddpm": ROOT / "benchmarks" / "results" / "paper_table.json",
+           "sd-lora": ROOT / "benchmarks" / "results" / "paper_table_sd_lora.json"}
+DOC = {"ddpm": ROOT / "docs" / "paper_table.md", "sd-lora": ROOT / "docs" / "paper_table_sd_lora.md"}
 BAD = ("noise", "blank", "duplicate")
+DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
 SIZES = {
     "full": {"contributors": 8, "train": {"steps": 150, "learningRate": 2e-3, "batchSize": 32}, "budget": 32,
@@ -48,6 +50,11 @@ SIZES = {
              "estimator": "exact", "repeats": 1,
              "settings": EvalSettings(alphas=(0.5,), subsets=3, seeds=2,
                                       baselines=("loo", "ft-shapley", "pixel", "embedding", "d-trak"))},
+    # text-conditional: a LoRA on a tiny Stable Diffusion pretrained on digits; clean contributors own whole
+    # digit classes and caption each image with its digit's name, the noise contributor captions "noise"
+    "sd-lora": {"contributors": 4, "train": {"steps": 120, "learningRate": 2e-3, "batchSize": 32}, "budget": 16,
+                "estimator": "exact", "repeats": 2, "finetuneSteps": 20,
+                "settings": EvalSettings(alphas=(0.5,), subsets=5, seeds=2, fraction=0.25)},
 }
 
 
@@ -69,6 +76,46 @@ def build(root: Path, size: dict[str, Any]) -> dict[str, Any]:
     m["spec"]["model"]["train"] = size["train"]
     m["spec"]["estimator"] = {"name": size["estimator"], "budget": size["budget"], "seed": 0}
     return m
+
+
+def build_sd_lora(root: Path, size: dict[str, Any]) -> dict[str, Any]:
+    """The conditional setting: digits at 16 px with sidecar captions (a clean image's digit name, "noise" for the
+    noise contributor), a tiny Stable Diffusion pretrained on the clean images (:mod:`tiny_sd`); the manifest."""
+    import torch
+    from tiny_sd import pretrained_pipeline  # benchmarks/ is on the path when this runs as a script
+
+    from datacredit.jobs.digits import digit_arrays
+
+    folder = root / "data-sd"
+    data = demo_data(n_clean=size["contributors"] - 1, bad=("noise",), split="class", seed=0)
+    if not (folder / "images").exists():
+        for name, blobs in data.contributors.items():
+            (folder / "images" / name).mkdir(parents=True, exist_ok=True)
+            words = [DIGIT_WORDS[int(k)] for k in data.labels[name]] if name in data.labels else ["noise"] * len(blobs)
+            for i, (b, word) in enumerate(zip(blobs, words, strict=True)):
+                (folder / "images" / name / f"{i:04d}.png").write_bytes(b)
+                (folder / "images" / name / f"{i:04d}.txt").write_text(word + "\n")
+        for i, (b, label) in enumerate(zip(data.reference, data.reference_labels, strict=True)):
+            (folder / "reference" / str(int(label))).mkdir(parents=True, exist_ok=True)
+            (folder / "reference" / str(int(label)) / f"{i:04d}.png").write_bytes(b)
+    imgs, _ = digit_arrays()  # the base model's pretraining set: every digit (a base model has seen the domain)
+    x = torch.from_numpy(imgs).float().div(127.5).sub(1)[:, None]
+    x = torch.nn.functional.interpolate(x, size=16, mode="bilinear").repeat(1, 3, 1, 1)
+    pipe = pretrained_pipeline(root / "sd", x, vae_steps=300, unet_steps=400)
+    k = size["finetuneSteps"]
+    return {"apiVersion": "datacredit.dev/v1alpha1", "kind": "ValuationRun",
+            "metadata": {"name": f"paper-table-sd-lora-{size['contributors']}"},
+            "spec": {"model": {"family": "sd-lora", "checkpoint": str(pipe), "prompt": "",
+                               "lora": {"rank": 8}, "train": size["train"]},
+                     "dataset": {"images": str(folder / "images"), "channels": 1, "resolution": 16,
+                                 "captions": "sidecar"},
+                     "property": {"name": "quality", "samples": 32, "reference": str(folder / "reference")},
+                     "method": {"prune": {"ratio": 0.5, "finetuneSteps": k},
+                                "finetune": {"steps": k, "learningRate": 2e-3, "batchSize": 32},
+                                "sampler": {"steps": 10, "guidanceScale": 1.0}},
+                     "estimator": {"name": size["estimator"], "budget": size["budget"], "seed": 0},
+                     "execution": {"parallelism": 1},
+                     "storage": {"uri": str(root / "runs")}}}
 
 
 def _fmt(d: dict[str, Any] | None) -> str:
@@ -97,6 +144,12 @@ def markdown(report: dict[str, Any], meta: dict[str, Any]) -> str:
                       f"(timestep, noise) draws per image, projected to {st['trak_dim']:,} dimensions, kernel ridge "
                       f"λ = {st['trak_ridge']}, summed over a contributor's images and averaged over the full model's "
                       "samples; it trains no coalition."]
+    if "caption proxy (no training)" in report["lds"]:
+        lines += ["", "Caption proxy: the unpruned full LoRA sampled on a coalition's captions only (one caption per "
+                      "sample, drawn from its images; ∅ the empty prompt), with no training: a proxy for the "
+                      "utility, not the utility."]
+    for name, why in report.get("skipped", {}).items():
+        lines += ["", f"{name}: skipped, {why}."]
     frac = st["fraction"]
     lines += ["", f"**Counterfactual: ΔF (%) vs. the full set after retraining, removing {frac:.0%}**", "",
               "| Method | remove top | removed | remove bottom | removed |", "|---|---:|---|---:|---|"]
@@ -116,13 +169,18 @@ def markdown(report: dict[str, Any], meta: dict[str, Any]) -> str:
               "", f"Sparsified-FT vs. retrained utilities on the {a['pairs']} test coalitions: Pearson "
               f"{a['pearsonSparsifiedVsRetrain']:.2f}, Spearman {a['spearmanSparsifiedVsRetrain']:.2f}"
               + (f"; FT (unpruned) vs. retrained: Pearson {a['pearsonFTFullVsRetrain']:.2f}"
-                 if a.get("pearsonFTFullVsRetrain") is not None else "") + "."]
+                 if a.get("pearsonFTFullVsRetrain") is not None else "")
+              + (f"; caption proxy vs. retrained: Pearson {a['pearsonProxyVsRetrain']:.2f}"
+                 if a.get("pearsonProxyVsRetrain") is not None else "") + "."]
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tiny", action="store_true", help="CI size: 4 contributors, a few minutes; writes under --out")
+    ap.add_argument("--family", choices=("ddpm", "sd-lora"), default="ddpm",
+                    help="ddpm: the digits demo (default); sd-lora: a LoRA on a tiny Stable Diffusion pretrained on "
+                         "digits, with captions, adding the caption proxy's rows (about 25 minutes)")
     ap.add_argument("--contributors", type=int, help="Contributors (default 8; tiny 4); three are planted bad.")
     ap.add_argument("--subsets", type=int, help="LDS test coalitions per alpha (default 8; tiny 3).")
     ap.add_argument("--seeds", type=int, help="Retraining seeds per test coalition (default 2).")
@@ -130,23 +188,23 @@ def main() -> None:
     ap.add_argument("--out", type=Path, help="Results JSON (default: benchmarks/results/paper_table.json; "
                                              "tiny: <tmp>/paper_table.json).")
     args = ap.parse_args()
-    size = dict(SIZES["tiny" if args.tiny else "full"])
+    size = dict(SIZES["sd-lora" if args.family == "sd-lora" else "tiny" if args.tiny else "full"])
     if args.contributors:
         size["contributors"] = args.contributors
     for key in ("subsets", "seeds"):
         if getattr(args, key):
             size["settings"] = replace(size["settings"], **{key: getattr(args, key)})
     work = args.dir or Path(tempfile.mkdtemp(prefix="paper-table-"))
-    out = args.out or (work / "paper_table.json" if args.tiny else RESULTS)
+    out = args.out or (work / "paper_table.json" if args.tiny else RESULTS[args.family])
     console = Console(stderr=True)
     started = time.monotonic()
-    run = parse_manifest(build(work.resolve(), size))
+    run = parse_manifest((build_sd_lora if args.family == "sd-lora" else build)(work.resolve(), size))
     execute(run, console=console)
     uri = open_run(run).uri
     report = evaluate(uri, size["settings"], console=console)
     timing = side_by_side(GroundTruth(uri, open_run(run).options), repeats=size["repeats"])
     meta = {"command": "python benchmarks/paper_table.py " + " ".join(sys.argv[1:]),
-            "contributors": size["contributors"], "finetuneSteps": QUICK["finetune"]["steps"],
+            "contributors": size["contributors"], "finetuneSteps": run.spec.method.finetune.steps,
             "trainSteps": size["train"]["steps"], "wallSeconds": time.monotonic() - started,
             "sideBySideSeconds": timing, "speedup": timing["retrain"] / timing["sparsified"],
             "speedupFTFull": timing["retrain"] / timing["ftFull"]}
@@ -157,7 +215,9 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"meta": meta, "report": report}, indent=1) + "\n")
     if not args.tiny and args.out is None:
-        DOC.write_text("# Paper tables at CPU scale (generated by benchmarks/paper_table.py)\n\n" + md)
+        title = "" if args.family == "ddpm" else ", text-conditional (sd-lora)"
+        DOC[args.family].write_text(f"# Paper tables at CPU scale{title} (generated by benchmarks/paper_table.py)\n\n"
+                                    + md)
     print(f"wrote {out}")
 
 
