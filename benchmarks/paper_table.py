@@ -28,7 +28,7 @@ from typing import Any
 
 from rich.console import Console
 
-from datacredit.demo import demo_manifest
+from datacredit.demo import QUICK, demo_manifest
 from datacredit.jobs.digits import demo_data
 from datacredit.jobs.evaluate import EvalSettings, GroundTruth, evaluate, report_tables, side_by_side
 from datacredit.local import execute
@@ -36,9 +36,11 @@ from datacredit.runstate import open_run
 from datacredit.spec import parse_manifest
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = {"ddpm": ROOT / "benchmarks" / "results" / "paper_table.json",
-           "sd-lora": ROOT / "benchmarks" / "results" / "paper_table_sd_lora.json"}
-DOC = {"ddpm": ROOT / "docs" / "paper_table.md", "sd-lora": ROOT / "docs" / "paper_table_sd_lora.md"}
+FAMILIES = ("ddpm", "ldm", "sd-lora")
+RESULTS = {f: ROOT / "benchmarks" / "results" / ("paper_table.json" if f == "ddpm" else
+                                                 f"paper_table_{f.replace('-', '_')}.json") for f in FAMILIES}
+DOC = {f: ROOT / "docs" / ("paper_table.md" if f == "ddpm" else f"paper_table_{f.replace('-', '_')}.md")
+       for f in FAMILIES}
 BAD = ("noise", "blank", "duplicate")
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
@@ -50,6 +52,10 @@ SIZES = {
              "estimator": "exact", "repeats": 1,
              "settings": EvalSettings(alphas=(0.5,), subsets=3, seeds=2,
                                       baselines=("loo", "ft-shapley", "pixel", "embedding", "d-trak"))},
+    # latent: a UNet on the latents of a tiny VQ-VAE pretrained on digits, the tiny mode's 4 contributors
+    "ldm": {"contributors": 4, "train": {"steps": 150, "learningRate": 2e-3, "batchSize": 32}, "budget": 16,
+            "estimator": "exact", "repeats": 2,
+            "settings": EvalSettings(alphas=(0.5,), subsets=5, seeds=2, fraction=0.25)},
     # text-conditional: a LoRA on a tiny Stable Diffusion pretrained on digits; clean contributors own whole
     # digit classes and caption each image with its digit's name, the noise contributor captions "noise"
     "sd-lora": {"contributors": 4, "train": {"steps": 120, "learningRate": 2e-3, "batchSize": 32}, "budget": 16,
@@ -78,13 +84,36 @@ def build(root: Path, size: dict[str, Any]) -> dict[str, Any]:
     return m
 
 
-def build_sd_lora(root: Path, size: dict[str, Any]) -> dict[str, Any]:
-    """The conditional setting: digits at 16 px with sidecar captions (a clean image's digit name, "noise" for the
-    noise contributor), a tiny Stable Diffusion pretrained on the clean images (:mod:`tiny_sd`); the manifest."""
+def _digits_16px() -> Any:
+    """Every sklearn digit as (N, 1, 16, 16) in [-1, 1]: what the tiny autoencoders are pretrained on (a base model
+    has seen the domain)."""
     import torch
-    from tiny_sd import pretrained_pipeline  # benchmarks/ is on the path when this runs as a script
 
     from datacredit.jobs.digits import digit_arrays
+
+    x = torch.from_numpy(digit_arrays()[0]).float().div(127.5).sub(1)[:, None]
+    return torch.nn.functional.interpolate(x, size=16, mode="bilinear")
+
+
+def build_ldm(root: Path, size: dict[str, Any]) -> dict[str, Any]:
+    """The latent setting: the ddpm data at 16 px, a UNet on the 3x8x8 latents of a tiny VQ-VAE pretrained on
+    digits (:mod:`tiny_pretrained`); the manifest."""
+    from tiny_pretrained import pretrained_vqmodel  # benchmarks/ is on the path when this runs as a script
+
+    m = build(root, size)
+    m["metadata"]["name"] = f"paper-table-ldm-{size['contributors']}"
+    vq = pretrained_vqmodel(root / "vq", _digits_16px(), steps=300)
+    m["spec"]["model"] = {"family": "ldm", "autoencoder": str(vq), "train": size["train"],
+                          "architecture": {"sampleSize": 8, "blockOutChannels": QUICK["blocks"]}}
+    m["spec"]["dataset"]["resolution"] = 16
+    return m
+
+
+def build_sd_lora(root: Path, size: dict[str, Any]) -> dict[str, Any]:
+    """The conditional setting: digits at 16 px with sidecar captions (a clean image's digit name, "noise" for the
+    noise contributor), a tiny Stable Diffusion pretrained on all digits (:mod:`tiny_pretrained`); the manifest."""
+    from tiny_pretrained import pretrained_pipeline  # benchmarks/ is on the path when this runs as a script
+
 
     folder = root / "data-sd"
     data = demo_data(n_clean=size["contributors"] - 1, bad=("noise",), split="class", seed=0)
@@ -98,10 +127,7 @@ def build_sd_lora(root: Path, size: dict[str, Any]) -> dict[str, Any]:
         for i, (b, label) in enumerate(zip(data.reference, data.reference_labels, strict=True)):
             (folder / "reference" / str(int(label))).mkdir(parents=True, exist_ok=True)
             (folder / "reference" / str(int(label)) / f"{i:04d}.png").write_bytes(b)
-    imgs, _ = digit_arrays()  # the base model's pretraining set: every digit (a base model has seen the domain)
-    x = torch.from_numpy(imgs).float().div(127.5).sub(1)[:, None]
-    x = torch.nn.functional.interpolate(x, size=16, mode="bilinear").repeat(1, 3, 1, 1)
-    pipe = pretrained_pipeline(root / "sd", x, vae_steps=300, unet_steps=400)
+    pipe = pretrained_pipeline(root / "sd", _digits_16px().repeat(1, 3, 1, 1), vae_steps=300, unet_steps=400)
     k = size["finetuneSteps"]
     return {"apiVersion": "datacredit.dev/v1alpha1", "kind": "ValuationRun",
             "metadata": {"name": f"paper-table-sd-lora-{size['contributors']}"},
@@ -178,9 +204,10 @@ def markdown(report: dict[str, Any], meta: dict[str, Any]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tiny", action="store_true", help="CI size: 4 contributors, a few minutes; writes under --out")
-    ap.add_argument("--family", choices=("ddpm", "sd-lora"), default="ddpm",
-                    help="ddpm: the digits demo (default); sd-lora: a LoRA on a tiny Stable Diffusion pretrained on "
-                         "digits, with captions, adding the caption proxy's rows (about 25 minutes)")
+    ap.add_argument("--family", choices=FAMILIES, default="ddpm",
+                    help="ddpm: the digits demo (default); ldm: a UNet on a tiny VQ-VAE's latents, 4 contributors; "
+                         "sd-lora: a LoRA on a tiny Stable Diffusion, with captions, adding the caption proxy's rows "
+                         "(each about 10 minutes once their tiny models are pretrained)")
     ap.add_argument("--contributors", type=int, help="Contributors (default 8; tiny 4); three are planted bad.")
     ap.add_argument("--subsets", type=int, help="LDS test coalitions per alpha (default 8; tiny 3).")
     ap.add_argument("--seeds", type=int, help="Retraining seeds per test coalition (default 2).")
@@ -188,7 +215,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, help="Results JSON (default: benchmarks/results/paper_table.json; "
                                              "tiny: <tmp>/paper_table.json).")
     args = ap.parse_args()
-    size = dict(SIZES["sd-lora" if args.family == "sd-lora" else "tiny" if args.tiny else "full"])
+    size = dict(SIZES[args.family if args.family != "ddpm" else "tiny" if args.tiny else "full"])
     if args.contributors:
         size["contributors"] = args.contributors
     for key in ("subsets", "seeds"):
@@ -198,7 +225,7 @@ def main() -> None:
     out = args.out or (work / "paper_table.json" if args.tiny else RESULTS[args.family])
     console = Console(stderr=True)
     started = time.monotonic()
-    run = parse_manifest((build_sd_lora if args.family == "sd-lora" else build)(work.resolve(), size))
+    run = parse_manifest({"ddpm": build, "ldm": build_ldm, "sd-lora": build_sd_lora}[args.family](work.resolve(), size))
     execute(run, console=console)
     uri = open_run(run).uri
     report = evaluate(uri, size["settings"], console=console)
@@ -215,7 +242,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"meta": meta, "report": report}, indent=1) + "\n")
     if not args.tiny and args.out is None:
-        title = "" if args.family == "ddpm" else ", text-conditional (sd-lora)"
+        title = {"ddpm": "", "ldm": ", latent (ldm)", "sd-lora": ", text-conditional (sd-lora)"}[args.family]
         DOC[args.family].write_text(f"# Paper tables at CPU scale{title} (generated by benchmarks/paper_table.py)\n\n"
                                     + md)
     print(f"wrote {out}")

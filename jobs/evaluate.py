@@ -314,10 +314,7 @@ def evaluate(run_uri: str, settings: EvalSettings, *, options: S3Options | None 
                                                             [r.utility for r in run_rows], n)
             budgets[ev.DATAMODEL_RUN] = {**budgets["sparsified-FT Shapley"]}
         if "d-trak" in settings.baselines:
-            if gt.model.dtrak:
-                rankers[ev.DTRAK], budgets[ev.DTRAK] = _dtrak(gt, n, settings, work)
-            else:
-                skipped["d-trak"] = f"not implemented for family {gt.family} yet"
+            rankers[ev.DTRAK], budgets[ev.DTRAK] = _dtrak(gt, n, settings, work)
 
         # LDS test coalitions, retrained with every seed
         tests = {a: ev.datamodel_subsets(n, a, settings.subsets, seed=seed0) for a in settings.alphas}

@@ -7,7 +7,8 @@ subset, the unpruned full model fine-tuned on it, and the full model's own sampl
 * ``sd-lora`` (:class:`LoraTruth`): retraining from scratch is training a fresh LoRA on the frozen base pipeline
   (the base model is never retrained, as in the paper's ArtBench setting); FT-Shapley fine-tunes the unpruned LoRA
   prepare saved (``prepare/sparsified/lora-full``). Both swap the adapter in the run's pipeline and put the
-  pruned LoRA back afterwards, so the run's own coalitions still see it.
+  pruned LoRA back afterwards, so the run's own coalitions still see it. D-TRAK attributes the unpruned LoRA's
+  parameters, each image with its caption.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
+from diffusers import DDPMScheduler
 
 from datacredit import layout
 from datacredit.evaluation import WorkModel
@@ -29,12 +31,12 @@ from datacredit.storage import Storage
 
 from .families.ddpm import FULL_DIR, unet_arch
 from .families.ldm import decode, head_dim
-from .families.sdlora import FULL_LORA_DIR, State, sample, train_lora
+from .families.sdlora import FULL_LORA_DIR, State, sample, text_embeddings, train_lora
 from .lora import ADAPTER, attach_lora, load_lora, mark_trainable, set_lora_state
 from .pipeline import finetune_and_sample
 from .sample import sample_ddim
 from .train import Checkpoint, train_ddpm
-from .trak import dtrak_features
+from .trak import Conditioning, dtrak_features
 from .unet import build_unet
 from .worker import PreparedRun, local_copy
 
@@ -47,7 +49,6 @@ class TruthModel(Protocol):
     """A family's models for ground truth. Samples are images in [-1, 1], as the run's property scores them."""
 
     images: torch.Tensor  # the contributors' images in pixels, in the order of prepare/dataset.npz
-    dtrak: bool  # whether :meth:`dtrak_features` is implemented
     conditional: bool  # whether the model is conditioned on captions (then :meth:`proxy` works)
 
     def retrain(self, members: tuple[int, ...], seed: int) -> torch.Tensor:
@@ -93,7 +94,7 @@ def _missing(store: Storage, what: str) -> EvaluationError:
 class UNetTruth:
     """ddpm and ldm: UNets on pixels, or on VQ latents decoded before scoring."""
 
-    dtrak, conditional = True, False
+    conditional = False
 
     def __init__(self, p: PreparedRun, store: Storage):
         self.p, self.store = p, store
@@ -171,7 +172,6 @@ class UNetTruth:
 class LoraTruth:
     """sd-lora: LoRAs on the run's frozen Stable Diffusion pipeline."""
 
-    dtrak = False  # D-TRAK on LoRA gradients of a text-conditional UNet is not implemented yet
     conditional = True
 
     def __init__(self, p: PreparedRun, store: Storage):
@@ -254,8 +254,28 @@ class LoraTruth:
         return dataclasses.replace(work, params_full=base + work.params_full, params_pruned=base + work.params_pruned)
 
     def dtrak_features(self, dim: int, timesteps: int, seed: int) -> tuple[np.ndarray, np.ndarray, int]:
-        raise EvaluationError("--baselines d-trak: not implemented for family sd-lora yet (LoRA gradients of a "
-                              "text-conditional UNet); leave it out of --baselines")
+        """D-TRAK on the unpruned LoRA's parameters (the frozen UNet held fixed), in latent space: a training image is
+        its VAE latent mean with its caption's embedding, a sample of the full model is its re-encoded latent with
+        the sampling prompt's; the pipeline's own noise schedule."""
+        pipe, enc, s = self.state.pipe, self.state.encoded, self.p.run.spec
+        generated = self.full_samples()
+        with self._adapter(self._full_lora):
+            vae = pipe.vae
+            x = generated if generated.shape[1] == 3 else generated.repeat(1, 3, 1, 1)
+            with torch.no_grad():
+                latents = vae.encode(x.to(vae.device)).latent_dist.mean.cpu() * float(vae.config.scaling_factor)
+            cumprod = DDPMScheduler.from_config(pipe.scheduler.config).alphas_cumprod
+            prompt = text_embeddings(pipe, [s.model.prompt])
+
+            def lora(name: str) -> bool:
+                return ".lora_" in name
+
+            kw = {"dim": dim, "timesteps": timesteps, "seed": seed}
+            train = dtrak_features(pipe.unet, enc.mean, cond=Conditioning(enc.embeddings[enc.caption], lora, cumprod),
+                                   **kw)
+            samples = dtrak_features(pipe.unet, latents, cond=Conditioning(
+                prompt.expand(len(latents), -1, -1), lora, cumprod), **kw)
+        return train.numpy(), samples.numpy(), len(train) + len(samples)
 
 
 TRUTH_MODELS: dict[str, Callable[[PreparedRun, Storage], TruthModel]] = {

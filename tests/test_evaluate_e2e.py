@@ -162,8 +162,8 @@ def _painting(colour: tuple[int, int, int], seed: int) -> Image.Image:
 def test_evaluate_an_sd_lora_run_retrains_the_lora_and_scores_the_caption_proxy(tmp_path: Path) -> None:
     """sd-lora: retraining from scratch trains a fresh LoRA on the frozen base pipeline; FT-Shapley fine-tunes the
     unpruned LoRA prepare saved; the caption proxy samples that LoRA on a coalition's captions only (∅: the empty
-    prompt) and trains nothing; D-TRAK and the embedding similarity are skipped with a reason; the run's pruned
-    LoRA is back in place afterwards, so its coalitions give what they gave before."""
+    prompt) and trains nothing; D-TRAK attributes the LoRA; the embedding similarity is skipped with a reason; the
+    run's pruned LoRA is back in place afterwards, so its coalitions give what they gave before."""
     from datacredit.jobs.evaluate import EvalSettings, GroundTruth, evaluate
     from datacredit.jobs.families import get_family
     from datacredit.jobs.lora import lora_state
@@ -200,14 +200,17 @@ def test_evaluate_an_sd_lora_run_retrains_the_lora_and_scores_the_caption_proxy(
     for name in ("LOO (retrain)", "FT-Shapley", "retrain Shapley", ev.PROXY, "pixel-max"):
         assert name in report["lds"] and len(report["values"][name]) == n, name
         assert np.isfinite(report["values"][name]).all(), name
-    assert set(report["skipped"]) == {"d-trak", "embedding"} and "sd-lora" in report["skipped"]["d-trak"]
-    assert ev.DTRAK not in report["values"]
+    # D-TRAK on the unpruned LoRA's gradients; the embedding similarity needs a classifier property: skipped, with why
+    assert ev.DTRAK in report["lds"] and np.isfinite(report["values"][ev.DTRAK]).all()
+    assert report["skipped"] == {"embedding": "the property has no classifier features to compare images with"}
     # the proxy trains nothing: its counted work is sampling only, so it fits more coalitions than FT-Shapley
     spent = report["budget"]
     assert spent[ev.PROXY]["coalitions"] >= spent["FT-Shapley"]["coalitions"]
     assert spent[ev.PROXY]["work"] < spent["FT-Shapley"]["work"] or spent[ev.PROXY]["coalitions"] > \
         spent["FT-Shapley"]["coalitions"]
     assert np.isfinite(report["agreement"]["pearsonProxyVsRetrain"])
+    # D-TRAK's counted work: a forward and backward pass (3 passes) per image and draw, through the full UNet
+    assert spent[ev.DTRAK]["work"] == pytest.approx(3 * settings.trak_timesteps * (8 + 4), abs=0.1)
     # prompts: each sample a caption of the coalition's images; ∅ the empty prompt
     assert set(model.proxy_prompts((1, 3), 7)) <= {"a bob painting", "a dee painting"}
     assert model.proxy_prompts((), 7) == [""] * 4

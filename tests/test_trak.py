@@ -75,3 +75,40 @@ def test_dtrak_ranks_copies_of_the_generated_samples_first(setup: Setup) -> None
     copies, noise, digits = scores
     assert scores.shape == (3,) and np.isfinite(scores).all()
     assert copies > 0 and copies > 2 * max(abs(noise), abs(digits))
+
+
+def test_conditional_gradients_are_those_of_a_plain_backward_on_the_lora_only(tmp_path_factory: pytest.TempPathFactory
+                                                                               ) -> None:
+    """sd-lora: per-image gradients of a text-conditional UNet over its LoRA parameters only, each image with its
+    own caption embedding and the pipeline's noise schedule, equal a plain backward per image."""
+    from diffusers import UNet2DConditionModel
+
+    from datacredit.jobs.lora import attach_lora, lora_parameters
+    from datacredit.jobs.trak import Conditioning, draws, dtrak_features, output_gradients
+    from tests.tiny_models import save_tiny_sd_pipeline
+
+    folder = save_tiny_sd_pipeline(tmp_path_factory.mktemp("sd"))
+    unet = UNet2DConditionModel.from_pretrained(str(folder / "unet")).eval()
+    attach_lora(unet, 4, None, ["to_q", "to_k", "to_v", "to_out.0"])
+    with torch.no_grad():
+        for p in lora_parameters(unet):
+            p.normal_(0, 0.1, generator=torch.Generator().manual_seed(p.numel()))
+    g = torch.Generator().manual_seed(2)
+    latents, emb = torch.randn(5, 4, 8, 8, generator=g), torch.randn(5, 16, 32, generator=g)
+    cumprod = torch.linspace(0.999, 0.01, 1000)
+    cond = Conditioning(emb, lambda name: ".lora_" in name, cumprod)
+    batched = torch.cat(list(output_gradients(unet, latents, timesteps=3, seed=1, batch=2, cond=cond)))
+    lora = lora_parameters(unet)
+    assert batched.shape == (5, sum(p.numel() for p in lora))
+    t, noise = draws(3, (4, 8, 8), seed=1)
+    alpha = cumprod[t].view(-1, 1, 1, 1)
+    for k in (0, 3):
+        unet.zero_grad()
+        xt = alpha.sqrt() * latents[k:k + 1] + (1 - alpha).sqrt() * noise
+        unet(xt, t, emb[k:k + 1].expand(3, -1, -1)).sample.pow(2).mean().backward()
+        plain = torch.cat([p.grad.reshape(-1) for p in lora])
+        assert torch.allclose(batched[k], plain, atol=1e-6, rtol=1e-4)
+    # the caption matters: the same latent with another caption has another feature
+    feats = dtrak_features(unet, latents[[0, 0]], dim=32, timesteps=2, cond=Conditioning(
+        emb[[0, 1]], cond.trainable, cumprod))
+    assert feats.shape == (2, 32) and not torch.allclose(feats[0], feats[1])

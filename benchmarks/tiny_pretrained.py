@@ -1,8 +1,8 @@
-"""A tiny Stable Diffusion pipeline pretrained on digits, for the sd-lora rows of the paper-table benchmark.
+"""Tiny diffusion components pretrained on digits, for the sd-lora and ldm rows of the paper-table benchmark.
 
-No weights can be downloaded here, so the base model is built from configs (the tests' tiny sizes) and
-pretrained for a few hundred steps on all digits: the VAE to reconstruct 16 px digits, then the UNet to denoise
-their latents under the empty prompt. The LoRA the valuation trains on top is what learns the captions.
+No weights can be downloaded here, so each model is built from configs (the tests' tiny sizes) and pretrained for
+a few hundred steps on all digits: a VQ-VAE for ldm, and for sd-lora a VAE plus a UNet that denoises its latents
+under the empty prompt (the LoRA the valuation trains on top is what learns the captions).
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def pretrained_pipeline(root: Path, images: torch.Tensor, vae_steps: int = 400, 
         loss.backward()
         opt.step()
         if (step + 1) % 100 == 0:
-            print(f"tiny SD: VAE step {step + 1}/{vae_steps} loss {float(loss):.4f}", flush=True)
+            print(f"tiny SD: VAE step {step + 1}/{vae_steps} loss {loss.item():.4f}", flush=True)
     vae.eval().requires_grad_(False)
     with torch.no_grad():
         latents = torch.cat([vae.encode(images[i:i + 256]).latent_dist.mean for i in range(0, len(images), 256)])
@@ -85,9 +85,38 @@ def pretrained_pipeline(root: Path, images: torch.Tensor, vae_steps: int = 400, 
         loss.backward()
         opt.step()
         if (step + 1) % 100 == 0:
-            print(f"tiny SD: UNet step {step + 1}/{unet_steps} loss {float(loss):.4f}", flush=True)
+            print(f"tiny SD: UNet step {step + 1}/{unet_steps} loss {loss.item():.4f}", flush=True)
     pipe = StableDiffusionPipeline(unet=unet.eval(), vae=vae, text_encoder=text, tokenizer=tok, scheduler=scheduler,
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(str(out))
     print(f"tiny SD: pretrained in {time.monotonic() - started:.0f} s", flush=True)
+    return out
+
+
+def pretrained_vqmodel(root: Path, images: torch.Tensor, steps: int = 400, seed: int = 0) -> Path:
+    """Build, pretrain (reconstruction + commitment loss) and save (``root/vqvae``, reused when there) a VQModel
+    for ``images`` (N, 1, 16, 16) in [-1, 1]: 3x8x8 latents, 64 codes; returns its folder."""
+    from diffusers import VQModel
+
+    out = root / "vqvae"
+    if (out / "config.json").is_file():
+        return out
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    started = time.monotonic()
+    vq = VQModel(in_channels=1, out_channels=1, block_out_channels=(16, 32),
+                 down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                 latent_channels=3, num_vq_embeddings=64, sample_size=16, norm_num_groups=8)
+    opt = torch.optim.Adam(vq.parameters(), lr=2e-3)
+    for step in range(steps):
+        x = images[torch.randint(len(images), (64,), generator=gen)]
+        out_ = vq(x)
+        loss = F.mse_loss(out_.sample, x) + out_.commit_loss.mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if (step + 1) % 100 == 0:
+            print(f"tiny VQ-VAE: step {step + 1}/{steps} loss {loss.item():.4f}", flush=True)
+    vq.eval().save_pretrained(str(out))
+    print(f"tiny VQ-VAE: pretrained in {time.monotonic() - started:.0f} s", flush=True)
     return out
