@@ -13,7 +13,7 @@ IMAGE_TAG ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 export DATACREDIT_CACHE := $(CACHE)
 export PATH := $(VENV)/bin:$(PATH)
 
-.PHONY: help install binaries demo demo-quick test test-fast lint crds dashboards images push-images bench bench-quick bench-peers bench-peers-quick bench-paper bench-paper-quick bench-paper-sd-lora bench-trust bench-trust-quick bench-packing clean
+.PHONY: help install binaries demo demo-quick test test-fast lint crds dashboards images push-images bench bench-quick bench-peers bench-peers-quick bench-paper bench-paper-quick bench-paper-ldm bench-paper-sd-lora bench-trust bench-trust-quick bench-packing clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -89,7 +89,10 @@ bench-paper: install ## paper Table 1/2 at CPU scale (retrains; ~40 min): benchm
 bench-paper-quick: install ## the paper-table benchmark at toy size (CI; results stay in a temp folder)
 	$(PY) benchmarks/paper_table.py --tiny
 
-bench-paper-sd-lora: install ## the paper table for a LoRA on a tiny pretrained SD, with the caption proxy (~25 min)
+bench-paper-ldm: install ## the paper table for a UNet on a tiny pretrained VQ-VAE's latents (~10 min)
+	$(PY) benchmarks/paper_table.py --family ldm
+
+bench-paper-sd-lora: install ## the paper table for a LoRA on a tiny pretrained SD, with the caption proxy (~20 min)
 	$(PY) benchmarks/paper_table.py --family sd-lora
 
 bench-packing: install ## coalitions/hour packed vs one per process vs one at a time (~3 min): results/packing.json

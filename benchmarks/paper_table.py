@@ -10,8 +10,11 @@ coalitions (the paper's Appendix D check), which explains a loss when there is o
 
 Run ``python benchmarks/paper_table.py`` (8 contributors; about 40 minutes on 2 busy cores) to write
 benchmarks/results/paper_table.json and docs/paper_table.md, or ``--tiny`` (CI, a few minutes) which writes
-only under ``--out`` (default: a temporary folder). Retrained utilities are stored in the run, so a rerun with
-the same ``--dir`` reuses them.
+only under ``--out`` (default: a temporary folder). ``--family ldm`` and ``--family sd-lora`` measure the same
+tables for the other families on 4 contributors, with tiny autoencoders / a tiny Stable Diffusion pretrained on
+digits first (:mod:`tiny_pretrained`); sd-lora adds the caption proxy's rows. They write
+benchmarks/results/paper_table_<family>.json and docs/paper_table_<family>.md. Retrained utilities are stored in
+the run, so a rerun with the same ``--dir`` reuses them.
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ SIZES = {
              "settings": EvalSettings(alphas=(0.5,), subsets=3, seeds=2,
                                       baselines=("loo", "ft-shapley", "pixel", "embedding", "d-trak"))},
     # latent: a UNet on the latents of a tiny VQ-VAE pretrained on digits, the tiny mode's 4 contributors
-    "ldm": {"contributors": 4, "train": {"steps": 150, "learningRate": 2e-3, "batchSize": 32}, "budget": 16,
+    "ldm": {"contributors": 4, "train": {"steps": 400, "learningRate": 2e-3, "batchSize": 32}, "budget": 16,
             "estimator": "exact", "repeats": 2,
             "settings": EvalSettings(alphas=(0.5,), subsets=5, seeds=2, fraction=0.25)},
     # text-conditional: a LoRA on a tiny Stable Diffusion pretrained on digits; clean contributors own whole
