@@ -345,9 +345,61 @@ def test_question_rules_on_hand_made_intervals() -> None:
     sign = StoppingRule(question="sign")
     assert sign.met("kernel", np.array([3.0, -3.0]), np.ones(2))
     assert not sign.met("kernel", np.array([3.0, -1.0]), np.ones(2))
+    correlated = np.array([[9.0, 8.5, 0.0, 0.0], [8.5, 9.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 1.0]])
+    close = np.array([10.0, 7.0, 3.0, -1.0])  # 10 − 7 < 1.96·√18 apart, but their difference has variance 1
+    assert not top.met("kernel", close, np.sqrt(np.diag(correlated)))
+    assert top.met("kernel", close, np.sqrt(np.diag(correlated)), correlated)
+    assert not top.met("kernel", close, np.sqrt(np.diag(correlated)), np.full_like(correlated, np.inf))
     with pytest.raises(ValueError, match="k >= 1"):
         StoppingRule(question="topK")
     from datacredit.planner import Planner
 
     with pytest.raises(ValueError, match="at most 2"):
         Planner(5, 40, question="topK", k=3)
+
+
+def _kernel_table(utility: Any, n: int, budget: int, seed: int) -> Observations:
+    plan = make_plan(n, budget, "kernel", seed)
+    table = Table(plan.sequence)
+    for position, value in enumerate(utility(plan.sequence.copy())):
+        table.add(position, value)
+    return Observations.of(table)
+
+
+def test_kernel_covariance_gives_the_stderr_and_the_spread_of_differences() -> None:
+    from datacredit.shapley.kernel import kernel_covariance
+
+    n = 10
+    phi, _ = _noisy_game(n, noise=0.5)
+    obs = _kernel_table(_noisy_game(n, noise=0.5)[1], n, 12 * n, 0)
+    cov = kernel_covariance(obs)
+    np.testing.assert_allclose(np.sqrt(np.diag(cov)), kernel_fit(obs).stderr, rtol=1e-10)
+    np.testing.assert_allclose(cov, cov.T, atol=1e-12)
+    assert np.linalg.eigvalsh(cov).min() > -1e-12
+    covered, width_ratio = [], []
+    for seed in range(60):
+        phi, utility = _noisy_game(n, noise=0.5, seed=seed)
+        obs = _kernel_table(utility, n, 12 * n, seed)
+        fit, cov = kernel_fit(obs), kernel_covariance(obs)
+        a, b = np.triu_indices(n, 1)
+        sd = np.sqrt(cov[a, a] + cov[b, b] - 2 * cov[a, b])
+        covered.extend(np.abs((fit.values[a] - fit.values[b]) - (phi[a] - phi[b])) <= 1.96 * sd)
+        width_ratio.append(np.median(sd / np.hypot(fit.stderr[a], fit.stderr[b])))
+    assert 0.9 <= np.mean(covered) <= 0.995, np.mean(covered)
+    assert np.median(width_ratio) < 0.95  # positively correlated errors: differences are surer than √(a² + b²)
+
+
+def test_pairwise_synergies_do_not_widen_the_intervals() -> None:
+    """Paired KernelSHAP is exact on a game with pairwise synergies, so only the noise should count; the
+    noise of v(∅) and v(N) is estimated from paired residual differences, which the synergies cancel out of."""
+
+    def game(synergy: float, seed: int) -> Any:
+        rng = np.random.default_rng(seed)
+        weights, pairs = rng.normal(0, 3.0, 16), np.triu(rng.normal(0, synergy, (16, 16)), 1)
+        noise = np.random.default_rng(seed + 1)
+        return lambda Z: np.einsum("ki,ij,kj->k", Z.astype(float), pairs, Z.astype(float)) + Z @ weights + (
+            noise.normal(0, 0.5, len(Z)))
+
+    ratio = [kernel_fit(_kernel_table(game(1.0, s), 16, 24 * 16, s)).stderr.mean()
+             / kernel_fit(_kernel_table(game(0.0, s), 16, 24 * 16, s)).stderr.mean() for s in range(5)]
+    assert np.median(ratio) < 1.1, ratio

@@ -9,7 +9,7 @@ import numpy as np
 from datacredit.shapley.banzhaf import banzhaf
 from datacredit.shapley.design import Plan, exact_plan, loo_plan, paired_plan, permutation_plan
 from datacredit.shapley.exact import exact_banzhaf, exact_shapley, is_complete, semivalue_weights
-from datacredit.shapley.kernel import kernel_fit, kernel_shapley
+from datacredit.shapley.kernel import kernel_covariance, kernel_fit, kernel_shapley
 from datacredit.shapley.loo import leave_one_out
 from datacredit.shapley.permutation import permutation_shapley
 from datacredit.shapley.registry import Method, register_method
@@ -50,13 +50,18 @@ def _kernel_sensitivity(obs: Observations) -> np.ndarray:
     return complete if complete is not None else kernel_fit(obs).sensitivity
 
 
+def _kernel_covariance(obs: Observations, table: Table, plan: Plan | None, upto: int | None) -> np.ndarray | None:
+    """The regression's covariance; None once the exact formula takes over (its errors are the noise alone)."""
+    return None if is_complete(obs) else kernel_covariance(obs)
+
+
 def _banzhaf_sensitivity(obs: Observations) -> np.ndarray | None:
     n = obs.members.shape[1]
     return semivalue_sensitivity(obs, semivalue_weights(n, "banzhaf")) if is_complete(obs) else None
 
 
 register_method(Method("kernel", "paired, size-stratified, regression-adjusted KernelSHAP (the default)",
-                       paired_plan, _shapley, sensitivity=_kernel_sensitivity))
+                       paired_plan, _shapley, sensitivity=_kernel_sensitivity, covariance=_kernel_covariance))
 register_method(Method("exact", "all 2^n coalitions", exact_plan, _shapley, stops_early=False,
                        sensitivity=_complete_shapley))
 register_method(Method("permutation", "antithetic permutation sampling", permutation_plan, _permutation,

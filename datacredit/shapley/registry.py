@@ -2,8 +2,10 @@
 
 A method says how to plan (the deterministic coalition sequence), how to turn observed utilities into values
 and standard errors, whether a stopping rule may end it early, and (optionally) the closed-form sensitivity of
-its values to each utility that the between-seed intervals use. :mod:`datacredit.shapley.builtin` registers
-``kernel``, ``exact``, ``permutation``, ``banzhaf`` and ``loo``; :func:`register_method` adds your own.
+its values to each utility that the between-seed intervals use, and (optionally) the covariance of its values,
+whose off-diagonal lets a ``topK`` question compare two values by the variance of their difference.
+:mod:`datacredit.shapley.builtin` registers ``kernel``, ``exact``, ``permutation``, ``banzhaf`` and ``loo``;
+:func:`register_method` adds your own.
 """
 
 from __future__ import annotations
@@ -22,11 +24,14 @@ PlanBuilder = Callable[[int, int, int], "Plan"]  # (n_players, budget, seed) -> 
 #: (observations, the table, the plan when known, rows used) -> (values, standard errors)
 Fit = Callable[["Observations", "Table", "Plan | None", "int | None"], tuple[np.ndarray, np.ndarray]]
 Sensitivity = Callable[["Observations"], "np.ndarray | None"]  # J (n, rows), or None: central differences
+#: (observations, the table, the plan when known, rows used) -> covariance (n, n), or None: treat as independent
+Covariance = Callable[["Observations", "Table", "Plan | None", "int | None"], "np.ndarray | None"]
 
 
 @dataclass(frozen=True)
 class Method:
-    """One estimator: its plan, its fit, whether it can stop early and its closed-form sensitivity."""
+    """One estimator: its plan, its fit, whether it can stop early, its closed-form sensitivity and the
+    covariance of its values (for the stopping questions about differences, such as topK)."""
 
     name: str
     summary: str
@@ -34,6 +39,7 @@ class Method:
     fit: Fit
     stops_early: bool = True
     sensitivity: Sensitivity | None = None
+    covariance: Covariance | None = None
 
 
 _METHODS: dict[str, Method] = {}

@@ -108,23 +108,31 @@ def design_variance(
 
     Influences are summed per unit, centred within strata and scaled by units / (units - n_free).
     """
+    deviations, dof = unit_deviations(influence, strata, units, n_free)
+    return (deviations**2).sum(axis=1), dof
+
+
+def unit_deviations(
+    influence: np.ndarray, strata: np.ndarray, units: np.ndarray, n_free: int
+) -> tuple[np.ndarray, int]:
+    """Per-unit influences (values x units), centred within strata and scaled so that ``D @ D.T`` is the
+    sandwich covariance of the values (its diagonal :func:`design_variance`), and the degrees of freedom."""
     k = influence.shape[1]
     n_units = int(units.max()) + 1 if k else 0
     per_unit = (sparse.csr_matrix((np.ones(k), (units, np.arange(k))), shape=(n_units, k)) @ influence.T).T
+    per_unit = np.asarray(per_unit, dtype=float)
     unit_stratum = np.zeros(n_units, dtype=int)
     unit_stratum[units] = strata
-    var = np.zeros(influence.shape[0])
     for h in np.unique(unit_stratum):
-        block = per_unit[:, unit_stratum == h]
-        m_h = block.shape[1]
+        in_h = unit_stratum == h
+        m_h = int(in_h.sum())
         if m_h > 1:
-            var += m_h / (m_h - 1) * ((block - block.mean(axis=1, keepdims=True)) ** 2).sum(axis=1)
-        else:
-            var += (block**2).sum(axis=1)
+            block = per_unit[:, in_h]
+            per_unit[:, in_h] = np.sqrt(m_h / (m_h - 1)) * (block - block.mean(axis=1, keepdims=True))
     dof = n_units - n_free
     if dof >= 1:
-        var *= n_units / dof
-    return var, dof
+        per_unit *= np.sqrt(n_units / dof)
+    return per_unit, dof
 
 
 def _inverse(matrix: np.ndarray) -> tuple[np.ndarray, int]:

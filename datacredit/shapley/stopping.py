@@ -21,9 +21,10 @@ class StoppingRule:
 
     * ``interval``: the largest 95% half-width is below ``tolerance * (max - min of values)`` or ``atol``;
     * ``topK``: the ``k`` highest and the ``k`` lowest values are known: each of the top k exceeds each other
-      contributor by more than the 95% half-width of their difference (√(se_a² + se_b²), treating the two
-      estimates as independent), and each of the bottom k falls short of everyone else the same way (the
-      ranking at both ends, in the spirit of SHAP@k);
+      contributor by more than the 95% half-width of their difference, and each of the bottom k falls short of
+      everyone else the same way (the ranking at both ends, in the spirit of SHAP@k). The difference's standard
+      error is √(c_aa + c_bb - 2 c_ab) from the values' covariance where the method gives one (``kernel``: its
+      errors are correlated, mostly positively), else √(se_a² + se_b²), treating the two as independent;
     * ``sign``: every value's 95% interval excludes zero.
     """
 
@@ -69,9 +70,14 @@ class StoppingRule:
         first = self.min_evaluations if self.min_evaluations is not None else 4 * n + 2
         return plan.checkpoints(first, self.check_every or n)
 
-    def met(self, method: str, values: np.ndarray, stderr: np.ndarray) -> bool:
-        """Whether the rule's question is settled for these values of ``method``."""
+    def met(self, method: str, values: np.ndarray, stderr: np.ndarray, cov: np.ndarray | None = None) -> bool:
+        """Whether the rule's question is settled for these values of ``method``; ``cov`` (n, n), the values'
+        covariance with ``stderr**2`` on its diagonal, if known (``topK`` compares differences with it)."""
         if not self.applies(method) or not (np.all(np.isfinite(stderr)) and np.all(np.isfinite(values))):
+            return False
+        if cov is None:
+            cov = np.diag(stderr**2)
+        elif not np.all(np.isfinite(cov)):
             return False
         low, high = values - Z95 * stderr, values + Z95 * stderr
         if self.question == "sign":
@@ -81,7 +87,7 @@ class StoppingRule:
             if 2 * k > len(values):
                 raise ValueError(f"topK k={k} needs at least {2 * k} contributors, got {len(values)}")
             order = np.argsort(-values, kind="stable")
-            return _above(values, stderr, order[:k], order[k:]) and _above(values, stderr, order[:-k], order[-k:])
+            return _above(values, cov, order[:k], order[k:]) and _above(values, cov, order[:-k], order[-k:])
         half = Z95 * float(stderr.max())
         spread = float(values.max() - values.min())
         return (self.tolerance is not None and half < self.tolerance * spread) or (
@@ -89,8 +95,8 @@ class StoppingRule:
         )
 
 
-def _above(values: np.ndarray, stderr: np.ndarray, upper: np.ndarray, lower: np.ndarray) -> bool:
+def _above(values: np.ndarray, cov: np.ndarray, upper: np.ndarray, lower: np.ndarray) -> bool:
     """Whether every contributor in `upper` beats every one in `lower` at 95% (one-sided per pair)."""
     diff = values[upper][:, None] - values[lower][None, :]
-    half = Z95 * np.sqrt(stderr[upper][:, None] ** 2 + stderr[lower][None, :] ** 2)
-    return bool(np.all(diff > half))
+    var = np.diag(cov)[upper][:, None] + np.diag(cov)[lower][None, :] - 2 * cov[np.ix_(upper, lower)]
+    return bool(np.all(diff > Z95 * np.sqrt(np.maximum(var, 0.0))))
