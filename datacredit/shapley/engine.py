@@ -63,21 +63,17 @@ def plan_estimate(
     if noise is not None:
         between = seed_stderr(table, plan.method, noise, plan, upto)
         stderr = np.sqrt(stderr**2 + between**2)
-    converged = rule.met(plan.method, values, stderr, _covariance(plan, table, rule, upto, between))
+    converged = rule.met(plan.method, values, stderr, _covariance(plan, table, rule, upto))
     return Estimate(values, stderr, n_evaluations, converged, stop_reason, plan.method, used, between, noise)
 
 
-def _covariance(plan: Plan, table: Table, rule: StoppingRule, upto: int, between: np.ndarray | None
-                ) -> np.ndarray | None:
-    """The values' covariance when the rule compares differences (topK) and the method gives one; the
-    between-seed parts are added as independent (on the diagonal)."""
+def _covariance(plan: Plan, table: Table, rule: StoppingRule, upto: int) -> np.ndarray | None:
+    """The values' covariance when the rule compares differences (topK) and the method gives one. Only its
+    off-diagonal is read, so the between-seed parts of the variances count as independent."""
     method = get_method(plan.method)
     if rule.question != "topK" or method.covariance is None:
         return None
-    cov = method.covariance(Observations.of(table, upto), table, plan, upto)
-    if cov is not None and between is not None:
-        cov = cov + np.diag(between**2)
-    return cov
+    return method.covariance(Observations.of(table, upto), table, plan, upto)
 
 
 def estimate(

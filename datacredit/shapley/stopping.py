@@ -72,12 +72,11 @@ class StoppingRule:
 
     def met(self, method: str, values: np.ndarray, stderr: np.ndarray, cov: np.ndarray | None = None) -> bool:
         """Whether the rule's question is settled for these values of ``method``; ``cov`` (n, n), the values'
-        covariance with ``stderr**2`` on its diagonal, if known (``topK`` compares differences with it)."""
+        covariance if known: ``topK`` reads its off-diagonal (the variances are ``stderr**2``) to compare
+        differences; without it the values count as independent."""
         if not self.applies(method) or not (np.all(np.isfinite(stderr)) and np.all(np.isfinite(values))):
             return False
-        if cov is None:
-            cov = np.diag(stderr**2)
-        elif not np.all(np.isfinite(cov)):
+        if cov is not None and not np.all(np.isfinite(cov)):
             return False
         low, high = values - Z95 * stderr, values + Z95 * stderr
         if self.question == "sign":
@@ -87,7 +86,8 @@ class StoppingRule:
             if 2 * k > len(values):
                 raise ValueError(f"topK k={k} needs at least {2 * k} contributors, got {len(values)}")
             order = np.argsort(-values, kind="stable")
-            return _above(values, cov, order[:k], order[k:]) and _above(values, cov, order[:-k], order[-k:])
+            return (_above(values, stderr, cov, order[:k], order[k:])
+                    and _above(values, stderr, cov, order[:-k], order[-k:]))
         half = Z95 * float(stderr.max())
         spread = float(values.max() - values.min())
         return (self.tolerance is not None and half < self.tolerance * spread) or (
@@ -95,8 +95,11 @@ class StoppingRule:
         )
 
 
-def _above(values: np.ndarray, cov: np.ndarray, upper: np.ndarray, lower: np.ndarray) -> bool:
+def _above(values: np.ndarray, stderr: np.ndarray, cov: np.ndarray | None, upper: np.ndarray, lower: np.ndarray
+           ) -> bool:
     """Whether every contributor in `upper` beats every one in `lower` at 95% (one-sided per pair)."""
     diff = values[upper][:, None] - values[lower][None, :]
-    var = np.diag(cov)[upper][:, None] + np.diag(cov)[lower][None, :] - 2 * cov[np.ix_(upper, lower)]
+    var = stderr[upper][:, None] ** 2 + stderr[lower][None, :] ** 2
+    if cov is not None:
+        var = var - 2 * cov[np.ix_(upper, lower)]
     return bool(np.all(diff > Z95 * np.sqrt(np.maximum(var, 0.0))))
